@@ -1,0 +1,61 @@
+# starling — build, test, demo and benchmarks.
+# Every target that needs system parts installs them first (hack/install-deps.sh).
+
+GO        ?= go
+BIN       := bin
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -X github.com/starling-dev/starling/internal/version.Version=$(VERSION)
+CMDS      := starling starlingd starling-scheduler
+# Packages whose state is shared between goroutines; they run again under -race.
+RACE_PKGS ?= $(shell $(GO) list ./pkg/... 2>/dev/null)
+TEST_TIMEOUT ?= 75m
+STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
+
+.PHONY: all build test unit race lint deps demo bench-convert bench-lazy bench-p2p proto clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+
+deps:
+	@./hack/install-deps.sh
+
+# The whole suite: unit tests, then integration tests against a real registry,
+# containerd, runc, FUSE and network namespaces that the tests start themselves.
+test: deps build
+	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(GO) test -race -count=1 -short -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
+
+unit:
+	$(GO) test -count=1 -short ./...
+
+race:
+	$(GO) test -race -count=1 -short $(RACE_PKGS)
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	@test -x "$(STATICCHECK)" || $(GO) install honnef.co/go/tools/cmd/staticcheck@latest
+	$(STATICCHECK) ./...
+
+demo: deps build
+	@./hack/demo.sh
+
+bench-convert: deps build
+	@./hack/bench-convert.sh
+
+bench-lazy: deps build
+	@./hack/bench-lazy.sh
+
+bench-p2p: deps build
+	@./hack/bench-p2p.sh
+
+proto:
+	protoc --go_out=. --go_opt=paths=source_relative \
+	       --go-grpc_out=. --go-grpc_opt=paths=source_relative \
+	       api/schedulerpb/scheduler.proto
+
+clean:
+	rm -rf $(BIN)

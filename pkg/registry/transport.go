@@ -1,0 +1,236 @@
+package registry
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// baseTransport is the innermost round tripper, under go-containerregistry's
+// auth: it picks TLS settings per host, keeps plain HTTP to the hosts that
+// allow it, bounds every request in time and retries what is worth retrying.
+// go-containerregistry's own retry does not honour Retry-After, which
+// registries behind rate limits send, so retries are done here instead.
+type baseTransport struct {
+	c       *Client
+	secure  http.RoundTripper
+	skipTLS http.RoundTripper
+}
+
+func newBaseTransport(c *Client) *baseTransport {
+	mk := func(skip bool) *http.Transport {
+		d := &net.Dialer{Timeout: c.cfg.DialTimeout, KeepAlive: 30 * time.Second}
+		return &http.Transport{
+			Proxy:                 http.ProxyFromEnvironment,
+			DialContext:           d.DialContext,
+			TLSHandshakeTimeout:   c.cfg.DialTimeout,
+			ResponseHeaderTimeout: c.cfg.RequestTimeout,
+			ExpectContinueTimeout: time.Second,
+			MaxIdleConns:          256,
+			MaxIdleConnsPerHost:   64,
+			IdleConnTimeout:       90 * time.Second,
+			ForceAttemptHTTP2:     true,
+			TLSClientConfig:       &tls.Config{InsecureSkipVerify: skip}, //nolint:gosec // only for hosts configured skip_verify
+		}
+	}
+	return &baseTransport{c: c, secure: mk(false), skipTLS: mk(true)}
+}
+
+func (t *baseTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	host := req.URL.Host
+	if req.URL.Scheme == "http" && !t.c.plainHTTPAllowed(host) {
+		// go-containerregistry falls back to plain HTTP for private-range
+		// addresses; starling only does so where the user said so.
+		r2 := req.Clone(req.Context())
+		r2.URL.Scheme = "https"
+		req = r2
+	}
+	rt := t.secure
+	if t.c.skipVerify(host) {
+		rt = t.skipTLS
+	}
+	return t.retry(rt, req)
+}
+
+func retryable(code int) bool {
+	return code == http.StatusTooManyRequests || code == http.StatusBadGateway ||
+		code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout ||
+		code == http.StatusInternalServerError
+}
+
+func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	canReplay := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
+	var lastErr error
+	for attempt := 0; ; attempt++ {
+		r := req
+		if attempt > 0 && req.GetBody != nil {
+			body, err := req.GetBody()
+			if err != nil {
+				return nil, err
+			}
+			r = req.Clone(req.Context())
+			r.Body = body
+		}
+		resp, err := t.once(rt, r)
+		last := attempt >= t.c.cfg.Retries || !canReplay
+		if err == nil && !retryable(resp.StatusCode) {
+			return resp, nil
+		}
+		if err != nil && (errors.Is(err, context.Canceled) || req.Context().Err() != nil) {
+			return nil, err
+		}
+		if last {
+			if err != nil {
+				if lastErr != nil && errors.Is(err, context.DeadlineExceeded) {
+					err = lastErr
+				}
+				return nil, err
+			}
+			return resp, nil
+		}
+		wait := backoff(attempt, t.c.cfg.MaxRetryWait)
+		if err == nil {
+			if ra, ok := retryAfter(resp.Header.Get("Retry-After"), t.c.cfg.MaxRetryWait); ok {
+				wait = ra
+			}
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+			lastErr = fmt.Errorf("%s %s: %s", req.Method, req.URL.Redacted(), resp.Status)
+		} else {
+			lastErr = err
+		}
+		select {
+		case <-time.After(wait):
+		case <-req.Context().Done():
+			return nil, req.Context().Err()
+		}
+	}
+}
+
+// once sends one request and bounds its body: a body that stalls longer than
+// the request timeout is cut, so a registry that stops answering mid-read
+// gives an error instead of a hung reader.
+func (t *baseTransport) once(rt http.RoundTripper, req *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithCancel(req.Context())
+	resp, err := rt.RoundTrip(req.WithContext(ctx))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = newStallBody(resp.Body, t.c.cfg.RequestTimeout, cancel)
+	return resp, nil
+}
+
+func backoff(attempt int, max time.Duration) time.Duration {
+	d := 200 * time.Millisecond << attempt
+	d += time.Duration(rand.Int64N(int64(d)/4 + 1))
+	if d > max {
+		d = max
+	}
+	return d
+}
+
+// retryAfter parses a Retry-After header: delta seconds or an HTTP date.
+func retryAfter(v string, max time.Duration) (time.Duration, bool) {
+	if v == "" {
+		return 0, false
+	}
+	var d time.Duration
+	if s, err := strconv.Atoi(v); err == nil {
+		d = time.Duration(s) * time.Second
+	} else if at, err := http.ParseTime(v); err == nil {
+		d = time.Until(at)
+	} else {
+		return 0, false
+	}
+	if d < 0 {
+		d = 0
+	}
+	if d > max {
+		d = max
+	}
+	return d, true
+}
+
+// stallBody cancels its request when no read completes within timeout.
+type stallBody struct {
+	rc      io.ReadCloser
+	timeout time.Duration
+	cancel  context.CancelFunc
+	mu      sync.Mutex
+	timer   *time.Timer
+	stalled bool
+}
+
+func newStallBody(rc io.ReadCloser, timeout time.Duration, cancel context.CancelFunc) *stallBody {
+	b := &stallBody{rc: rc, timeout: timeout, cancel: cancel}
+	b.timer = time.AfterFunc(timeout, func() {
+		b.mu.Lock()
+		b.stalled = true
+		b.mu.Unlock()
+		cancel()
+	})
+	return b
+}
+
+func (b *stallBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	b.timer.Reset(b.timeout)
+	if err != nil && err != io.EOF {
+		b.mu.Lock()
+		stalled := b.stalled
+		b.mu.Unlock()
+		if stalled {
+			err = fmt.Errorf("no data for %s: %w", b.timeout, ErrStalled)
+		}
+	}
+	return n, err
+}
+
+func (b *stallBody) Close() error {
+	b.timer.Stop()
+	err := b.rc.Close()
+	b.cancel()
+	return err
+}
+
+// ErrStalled is returned by a read of a body that stopped arriving.
+var ErrStalled = errors.New("registry stopped sending")
+
+// headerTransport adds an endpoint's headers, and for a mirror containerd's
+// ns query parameter naming the origin, to every request it sends.
+type headerTransport struct {
+	inner  http.RoundTripper
+	host   string
+	header http.Header
+	ns     string
+}
+
+func (t *headerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Host != t.host || (len(t.header) == 0 && t.ns == "") {
+		return t.inner.RoundTrip(req)
+	}
+	r := req.Clone(req.Context())
+	for k, vs := range t.header {
+		r.Header.Del(k)
+		for _, v := range vs {
+			r.Header.Add(k, v)
+		}
+	}
+	if t.ns != "" {
+		q := r.URL.Query()
+		if q.Get("ns") == "" {
+			q.Set("ns", t.ns)
+			r.URL.RawQuery = q.Encode()
+		}
+	}
+	return t.inner.RoundTrip(r)
+}
