@@ -1,0 +1,3 @@
+package main
+
+// The peer component (upload server, proxy) registers itself here (issue 4).

@@ -1,0 +1,3 @@
+package main
+
+// The snapshotter component registers itself here (issue 3).
