@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -34,7 +35,12 @@ type Client struct {
 
 	mu     sync.Mutex
 	authed map[string]http.RoundTripper // endpoint+repo+scope -> authenticated transport
+	down   map[string]time.Time         // mirror host -> skipped until
 }
+
+// mirrorDownFor is how long a mirror that could not be reached is skipped,
+// so that a dead mirror costs one timeout, not one per request.
+const mirrorDownFor = 30 * time.Second
 
 // Option changes a Client.
 type Option func(*Client)
@@ -55,6 +61,7 @@ func New(cfg Config, opts ...Option) *Client {
 		keychain:  authn.DefaultKeychain,
 		userAgent: "starling",
 		authed:    map[string]http.RoundTripper{},
+		down:      map[string]time.Time{},
 	}
 	for _, o := range opts {
 		o(c)
@@ -220,6 +227,9 @@ func tryEndpoints[T any](ctx context.Context, c *Client, repo name.Repository, s
 	var zero T
 	var errs []error
 	for _, ep := range c.endpoints(repo) {
+		if ep.mirror && c.mirrorDown(ep.repo.RegistryStr()) {
+			continue
+		}
 		rt, err := c.transport(ctx, ep, scope)
 		if err == nil {
 			var v T
@@ -231,12 +241,29 @@ func tryEndpoints[T any](ctx context.Context, c *Client, repo name.Repository, s
 		if ctx.Err() != nil {
 			return zero, err
 		}
+		var ne net.Error
+		var oe *net.OpError
+		if ep.mirror && (errors.As(err, &oe) || errors.As(err, &ne)) {
+			c.markMirrorDown(ep.repo.RegistryStr())
+		}
 		errs = append(errs, err)
 	}
 	if len(errs) == 1 {
 		return zero, errs[0]
 	}
 	return zero, errors.Join(errs...)
+}
+
+func (c *Client) mirrorDown(host string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Before(c.down[host])
+}
+
+func (c *Client) markMirrorDown(host string) {
+	c.mu.Lock()
+	c.down[host] = time.Now().Add(mirrorDownFor)
+	c.mu.Unlock()
 }
 
 // Get fetches the manifest or index ref names.
