@@ -86,12 +86,14 @@ func TestRoundTripHardCases(t *testing.T) {
 
 	// The hard cases are really there, so equality means something.
 	checks := map[string]func(treediff.Node, bool) bool{
-		"data/remove-me":    func(_ treediff.Node, ok bool) bool { return !ok },
-		"data/remove-dir":   func(_ treediff.Node, ok bool) bool { return !ok },
-		"opaque/old":        func(_ treediff.Node, ok bool) bool { return !ok },
-		"opaque/olddir":     func(_ treediff.Node, ok bool) bool { return !ok },
-		"opaque/new":        func(n treediff.Node, ok bool) bool { return ok && n.Type == "file" },
-		"hlroot":            func(n treediff.Node, ok bool) bool { return ok && n.LinkSet == "data/a/hl1|data/b/hl2|hlroot" && n.Nlink == 3 },
+		"data/remove-me":  func(_ treediff.Node, ok bool) bool { return !ok },
+		"data/remove-dir": func(_ treediff.Node, ok bool) bool { return !ok },
+		"opaque/old":      func(_ treediff.Node, ok bool) bool { return !ok },
+		"opaque/olddir":   func(_ treediff.Node, ok bool) bool { return !ok },
+		"opaque/new":      func(n treediff.Node, ok bool) bool { return ok && n.Type == "file" },
+		"hlroot": func(n treediff.Node, ok bool) bool {
+			return ok && n.LinkSet == "data/a/hl1|data/b/hl2|hlroot" && n.Nlink == 3
+		},
 		"dev/mychr":         func(n treediff.Node, ok bool) bool { return ok && n.Type == "char" && n.Rdev == "1:3" },
 		"dev/myblk":         func(n treediff.Node, ok bool) bool { return ok && n.Type == "block" && n.Rdev == "7:0" },
 		"dev/myfifo":        func(n treediff.Node, ok bool) bool { return ok && n.Type == "fifo" },
