@@ -38,7 +38,9 @@ type Entry struct {
 	Xattrs   map[string]string
 }
 
-// Layer is a list of entries written in order.
+// Layer is a list of entries written in order. A hardlink entry carries the
+// mode and owner of its target, as tar(1) writes them: unpackers apply a
+// hardlink header's metadata to the shared inode.
 type Layer []Entry
 
 // Tar writes the layer as an uncompressed tar.
@@ -175,8 +177,8 @@ func HardCases() (v1.Image, error) {
 		{Name: "data/a/", Type: tar.TypeDir, Mode: 0o755},
 		{Name: "data/b/", Type: tar.TypeDir, Mode: 0o750, UID: 1000, GID: 1000},
 		{Name: "data/a/hl1", Type: tar.TypeReg, Mode: 0o640, UID: 1000, GID: 100, Data: []byte("linked content\n")},
-		{Name: "data/b/hl2", Type: tar.TypeLink, Link: "data/a/hl1"},
-		{Name: "hlroot", Type: tar.TypeLink, Link: "data/a/hl1"},
+		{Name: "data/b/hl2", Type: tar.TypeLink, Mode: 0o640, UID: 1000, GID: 100, Link: "data/a/hl1"},
+		{Name: "hlroot", Type: tar.TypeLink, Mode: 0o640, UID: 1000, GID: 100, Link: "data/a/hl1"},
 		{Name: "data/empty", Type: tar.TypeReg, Mode: 0o644},
 		{Name: "data/big", Type: tar.TypeReg, Mode: 0o644, Data: Random(1, 5<<20+123)},
 		{Name: "data/medium1", Type: tar.TypeReg, Mode: 0o600, Data: Random(2, 300_000)},
@@ -229,7 +231,7 @@ func HardCases() (v1.Image, error) {
 		{Name: "café/upper-ß", Type: tar.TypeReg, Mode: 0o644, UID: 42, GID: 42, Data: []byte("upper layer\n")},
 		{Name: "data/upper-hl/", Type: tar.TypeDir, Mode: 0o755},
 		{Name: "data/upper-hl/one", Type: tar.TypeReg, Mode: 0o644, Data: Random(3, 70_000)},
-		{Name: "data/upper-hl/two", Type: tar.TypeLink, Link: "data/upper-hl/one"},
+		{Name: "data/upper-hl/two", Type: tar.TypeLink, Mode: 0o644, Link: "data/upper-hl/one"},
 	}
 	top := Layer{
 		{Name: "etc/", Type: tar.TypeDir, Mode: 0o755},

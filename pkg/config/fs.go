@@ -1,14 +1,32 @@
 package config
 
+import "time"
+
 // FS configures lazy layers: chunk fetching, caching and prefetch.
 type FS struct {
-	// Prefetch fetches the prioritized region of a layer at mount.
+	// Prefetch fetches the prioritized region of a layer (before the
+	// prefetch landmark) at mount, in one request.
 	Prefetch bool `toml:"prefetch"`
-	// BackgroundFetch fetches the rest of a layer after mount, at low priority.
+	// BackgroundFetch fetches the rest of a layer after mount, at low
+	// priority, paused while a container waits on a read.
 	BackgroundFetch bool `toml:"background_fetch"`
+	// FetchTimeout bounds one fetch of chunks; a dead registry gives EIO
+	// to the reader after this long, never a hang.
+	FetchTimeout time.Duration `toml:"fetch_timeout"`
+	// CacheSize bounds the on-disk chunk cache in bytes (0: no bound).
+	CacheSize int64 `toml:"cache_size"`
+	// TailFetchSize is how much of a layer's end is fetched at once when its
+	// footer is read, so that footer and TOC usually come in one request.
+	TailFetchSize int64 `toml:"tail_fetch_size"`
 }
 
 // DefaultFS is the fs section's defaults.
 func DefaultFS() FS {
-	return FS{Prefetch: true, BackgroundFetch: true}
+	return FS{
+		Prefetch:        true,
+		BackgroundFetch: true,
+		FetchTimeout:    30 * time.Second,
+		CacheSize:       20 << 30,
+		TailFetchSize:   2 << 20,
+	}
 }

@@ -5,9 +5,6 @@
 package inspect
 
 import (
-	"bytes"
-	"errors"
-	"fmt"
 	"io"
 	"strconv"
 
@@ -17,6 +14,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/starling-dev/starling/pkg/convert"
+	tocpkg "github.com/starling-dev/starling/pkg/toc"
 )
 
 // Formats of a layer.
@@ -28,10 +26,6 @@ const (
 	FormatUncompressed = "uncompressed"
 	FormatOther        = "other"
 )
-
-// maxTOCSize bounds how much of a blob is read as its TOC, so a hostile
-// footer cannot make us read gigabytes.
-const maxTOCSize = 256 << 20
 
 // Layer describes one layer.
 type Layer struct {
@@ -89,7 +83,7 @@ func Inspect(index int, desc v1.Descriptor, blob io.ReaderAt) (Layer, *estargz.J
 		l.Format = FormatOther
 		return l, nil
 	}
-	toc, tocDigest, err := ReadTOC(blob, desc.Size, dec)
+	toc, tocDigest, err := tocpkg.Read(blob, desc.Size, dec)
 	if err != nil {
 		if l.TOCDigestAnnotation != "" {
 			// The manifest says this is lazy but the blob disagrees.
@@ -127,35 +121,4 @@ func Inspect(index int, desc v1.Descriptor, blob io.ReaderAt) (Layer, *estargz.J
 		}
 	}
 	return l, toc
-}
-
-// ReadTOC reads a lazily mountable blob's footer and TOC, in two ranged reads.
-func ReadTOC(blob io.ReaderAt, size int64, dec estargz.Decompressor) (*estargz.JTOC, string, error) {
-	fsize := dec.FooterSize()
-	if size < fsize {
-		return nil, "", errors.New("blob smaller than a footer")
-	}
-	footer := make([]byte, fsize)
-	if _, err := blob.ReadAt(footer, size-fsize); err != nil && !errors.Is(err, io.EOF) {
-		return nil, "", fmt.Errorf("read footer: %w", err)
-	}
-	_, tocOff, tocSize, err := dec.ParseFooter(footer)
-	if err != nil {
-		return nil, "", fmt.Errorf("parse footer: %w", err)
-	}
-	if tocSize <= 0 {
-		tocSize = size - tocOff - fsize
-	}
-	if tocOff < 0 || tocSize <= 0 || tocOff+tocSize > size || tocSize > maxTOCSize {
-		return nil, "", fmt.Errorf("footer names TOC at %d+%d in a %d byte blob", tocOff, tocSize, size)
-	}
-	buf := make([]byte, tocSize)
-	if _, err := blob.ReadAt(buf, tocOff); err != nil && !errors.Is(err, io.EOF) {
-		return nil, "", fmt.Errorf("read TOC: %w", err)
-	}
-	toc, dgst, err := dec.ParseTOC(bytes.NewReader(buf))
-	if err != nil {
-		return nil, "", fmt.Errorf("parse TOC: %w", err)
-	}
-	return toc, dgst.String(), nil
 }
