@@ -1,3 +1,77 @@
 package main
 
-// The snapshotter component registers itself here (issue 3).
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/contrib/snapshotservice"
+	"google.golang.org/grpc"
+
+	"github.com/starling-dev/starling/internal/version"
+	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/layer"
+	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/snapshot"
+)
+
+func init() {
+	components = append(components, component{name: "snapshotter", start: startSnapshotter})
+}
+
+// startSnapshotter serves containerd's snapshots API on a unix socket, so
+// that containerd loads starling as the proxy plugin "starling".
+func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(context.Context) error, error) {
+	if !cfg.Snapshotter.Enable {
+		return nil, nil
+	}
+	client := registry.New(cfg.Resolver, registry.WithUserAgent("starlingd/"+version.Version))
+	layers, err := layer.NewManager(layer.Options{
+		Root:   filepath.Join(cfg.Root, "lazy"),
+		Client: client,
+		FS:     cfg.FS,
+		Logger: slog.Default(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), client, layers, slog.Default())
+	if err != nil {
+		return nil, err
+	}
+	addr := cfg.Snapshotter.Address
+	if err := os.MkdirAll(filepath.Dir(addr), 0o711); err != nil {
+		sn.Close()
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	// A socket left by a daemon that died would make Listen fail.
+	if err := os.Remove(addr); err != nil && !errors.Is(err, os.ErrNotExist) {
+		sn.Close()
+		return nil, fmt.Errorf("remove stale socket %s: %w", addr, err)
+	}
+	l, err := net.Listen("unix", addr)
+	if err != nil {
+		sn.Close()
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	go func() {
+		if err := srv.Serve(l); err != nil {
+			slog.Error("snapshots API stopped", "err", err)
+		}
+	}()
+	slog.Info("snapshotter serving", "address", addr, "root", cfg.Root)
+	return func(context.Context) error {
+		srv.GracefulStop()
+		err := sn.Close()
+		_ = layers.Close()
+		_ = os.Remove(addr)
+		return err
+	}, nil
+}

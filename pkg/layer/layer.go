@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	"github.com/starling-dev/starling/pkg/blob"
 	"github.com/starling-dev/starling/pkg/chunkcache"
@@ -89,6 +90,7 @@ type Layer struct {
 	m      *Manager
 
 	mu     sync.Mutex
+	dir    string
 	server *fuse.Server
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -172,6 +174,7 @@ func (l *Layer) Mount(mountpoint string) error {
 		return fmt.Errorf("layer %s: mount at %s: %w", l.desc.Digest, mountpoint, err)
 	}
 	l.server = srv
+	l.dir = mountpoint
 	ctx, cancel := context.WithCancel(context.Background())
 	l.cancel = cancel
 	l.done = make(chan struct{})
@@ -189,9 +192,16 @@ func (l *Layer) Unmount() error {
 	l.cancel()
 	<-l.done
 	err := l.server.Unmount()
+	if err != nil {
+		// Busy: containers still use it as a lower layer. Detach it so the
+		// daemon can stop; the kernel drops it when they are gone.
+		if derr := unix.Unmount(l.dir, unix.MNT_DETACH); derr == nil {
+			err = nil
+		}
+	}
 	l.server = nil
 	if err != nil {
-		return fmt.Errorf("layer %s: unmount: %w", l.desc.Digest, err)
+		return fmt.Errorf("layer %s: unmount %s: %w", l.desc.Digest, l.dir, err)
 	}
 	return nil
 }
