@@ -3,6 +3,7 @@ package testenv
 import (
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -55,7 +56,7 @@ func ServeCountingProxy(t testing.TB, l net.Listener, upstream string) *Counting
 		resp.Body = &countingBody{rc: resp.Body, p: p, blob: blob}
 		return nil
 	}
-	rp.ErrorLog = nil
+	rp.ErrorLog = log.New(io.Discard, "", 0)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.requests.Add(1)
 		if d := time.Duration(p.latency.Load()); d > 0 {
