@@ -123,6 +123,7 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 	} else {
 		f = &blob.RegistryFetcher{Client: m.o.Client, Repo: repo, Digest: desc.Digest}
 	}
+	f = blob.Counted(f)
 	size := desc.Size
 	if size <= 0 {
 		if size, err = m.o.Client.BlobSize(ctx, repo, desc.Digest); err != nil {
