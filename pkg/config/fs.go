@@ -10,6 +10,9 @@ type FS struct {
 	// BackgroundFetch fetches the rest of a layer after mount, at low
 	// priority, paused while a container waits on a read.
 	BackgroundFetch bool `toml:"background_fetch"`
+	// BackgroundFetchDelay waits after a mount before background fetch
+	// starts, so that it does not compete with the container's start.
+	BackgroundFetchDelay time.Duration `toml:"background_fetch_delay"`
 	// FetchTimeout bounds one fetch of chunks; a dead registry gives EIO
 	// to the reader after this long, never a hang.
 	FetchTimeout time.Duration `toml:"fetch_timeout"`
@@ -23,10 +26,11 @@ type FS struct {
 // DefaultFS is the fs section's defaults.
 func DefaultFS() FS {
 	return FS{
-		Prefetch:        true,
-		BackgroundFetch: true,
-		FetchTimeout:    30 * time.Second,
-		CacheSize:       20 << 30,
-		TailFetchSize:   2 << 20,
+		Prefetch:             true,
+		BackgroundFetch:      true,
+		BackgroundFetchDelay: 5 * time.Second,
+		FetchTimeout:         30 * time.Second,
+		CacheSize:            20 << 30,
+		TailFetchSize:        256 << 10,
 	}
 }

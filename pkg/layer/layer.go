@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -131,6 +132,7 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 		}
 	}
 	ra := &tailReaderAt{ctx: ctx, f: f, size: size, tail: min(size, m.o.FS.TailFetchSize), timeout: m.o.FS.FetchTimeout}
+	m.o.Logger.Debug("resolving layer", "layer", desc.Digest, "size", size)
 	raw, _, err := toc.Read(ra, size, dec)
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: read TOC: %w", desc.Digest, err)
@@ -145,6 +147,7 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 	if _, err := r.VerifyTOC(tocDigest); err != nil {
 		return nil, fmt.Errorf("layer %s: TOC does not match the annotation %s: %w", desc.Digest, tocDigest, err)
 	}
+	m.o.Logger.Debug("layer resolved", "layer", desc.Digest, "entries", len(raw.Entries))
 	br := blob.NewReader(f, m.cache, blob.Options{
 		Layer:        desc.Digest.String(),
 		Decompressor: dec,
@@ -268,7 +271,14 @@ func (l *Layer) fetchAhead(ctx context.Context) {
 	if !fs.BackgroundFetch {
 		return
 	}
-	const batch = 8 << 20
+	select {
+	case <-time.After(fs.BackgroundFetchDelay):
+	case <-ctx.Done():
+		return
+	}
+	// Small batches, so that a read the container waits on is never queued
+	// behind much background traffic.
+	const batch = 1 << 20
 	for len(rest) > 0 && ctx.Err() == nil {
 		l.chunks.WaitIdle(ctx)
 		n, start := 0, rest[0].Offset

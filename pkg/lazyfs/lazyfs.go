@@ -34,6 +34,10 @@ var metaFiles = map[string]bool{
 	estargz.NoPrefetchLandmark: true,
 }
 
+// readAhead is how far past a read the chunks of the same file are
+// fetched along with it.
+const readAhead = 4 << 20
+
 // attrTimeout is long because a layer never changes.
 const attrTimeout = time.Hour
 
@@ -292,6 +296,18 @@ func (n *node) Read(ctx context.Context, f fs.FileHandle, dest []byte, off int64
 		parts = append(parts, part{c: c, in: in, out: int(pos - off), n: int(cnt)})
 		chunks = append(chunks, c)
 		pos += cnt
+	}
+	// Files are mostly read from start to end (exec maps a whole binary):
+	// fetch what follows in the same request, up to readAhead bytes, rather
+	// than pay a round trip per page fault.
+	for pos := off + int64(len(dest)); pos < size && pos < off+readAhead; {
+		ce, ok := n.l.TOC.ChunkEntryForOffset(n.e.Name, pos)
+		if !ok {
+			break
+		}
+		c := blob.ChunkOf(ce, size)
+		chunks = append(chunks, c)
+		pos = ce.ChunkOffset + c.Size
 	}
 	if err := n.l.Chunks.Ensure(ctx, chunks, true); err != nil {
 		n.l.Logger.Error("read failed", "layer", n.l.Name, "file", n.e.Name, "offset", off, "err", err)

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -84,7 +85,7 @@ func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Re
 		if err == nil && !retryable(resp.StatusCode) {
 			return resp, nil
 		}
-		if err != nil && (errors.Is(err, context.Canceled) || req.Context().Err() != nil) {
+		if err != nil && (errors.Is(err, context.Canceled) || req.Context().Err() != nil || !retryableErr(err)) {
 			return nil, err
 		}
 		if last {
@@ -113,6 +114,19 @@ func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Re
 			return nil, req.Context().Err()
 		}
 	}
+}
+
+// retryableErr reports errors worth another try: the connection failed or
+// broke. A TLS or certificate error will fail the same way again (and
+// go-containerregistry's https-then-http probe of insecure registries must
+// not wait for retries).
+func retryableErr(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)
 }
 
 // once sends one request and bounds its body: a body that stalls longer than

@@ -130,6 +130,7 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 	}
 	target, hasTarget := base.Labels[labelTargetSnapshot]
 	ref, ld, lazy := lazyTarget(base.Labels)
+	s.log.Debug("prepare", "key", key, "parent", parent, "layer", ld)
 	if hasTarget && lazy {
 		if s.committed(ctx, target, parent) {
 			return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
@@ -178,9 +179,6 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent, target, re
 		return fmt.Errorf("prepare %s: %w", key, err)
 	}
 	dir, err := fsDir(mounts)
-	if err == nil {
-		err = l.Mount(dir)
-	}
 	if err != nil {
 		_ = s.Snapshotter.Remove(ctx, key)
 		return err
@@ -194,10 +192,16 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent, target, re
 	}
 	commitLabels[labelRemote] = string(infoJSON)
 	commitLabels[labelMountpoint] = dir
+	// Commit first, mount after: the overlay snapshotter walks the directory
+	// to account its usage, and walking an empty one is free, where walking
+	// the FUSE view would stat every entry of the layer.
 	if err := s.Snapshotter.Commit(ctx, target, key, snapshots.WithLabels(commitLabels)); err != nil {
-		_ = l.Unmount()
 		_ = s.Snapshotter.Remove(ctx, key)
 		return fmt.Errorf("commit %s: %w", target, err)
+	}
+	if err := l.Mount(dir); err != nil {
+		_ = s.Snapshotter.Remove(ctx, target)
+		return err
 	}
 	s.mu.Lock()
 	s.mounted[dir] = l
@@ -297,6 +301,7 @@ func (s *Snapshotter) resolveLayer(ctx context.Context, refStr, layerDigest stri
 	if err != nil {
 		return nil, remoteInfo{}, err
 	}
+	s.log.Debug("layer descriptor", "layer", layerDigest)
 	info := remoteInfo{Ref: refStr, Descriptor: desc}
 	s.mu.Lock()
 	c, ok := s.resolve[layerDigest]
