@@ -96,12 +96,3 @@ func registryClient(cmd *cobra.Command) (*registry.Client, error) {
 	}
 	return registry.New(cfg.Resolver, registry.WithPlainHTTP(g.plainHTTP), registry.WithUserAgent("starling/"+version.Version)), nil
 }
-
-// isTerminal reports whether progress bars make sense on stderr.
-func isTerminal() bool {
-	if g.output == "json" {
-		return false
-	}
-	fi, err := os.Stderr.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
-}
