@@ -108,10 +108,8 @@ func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Re
 		} else {
 			lastErr = err
 		}
-		select {
-		case <-time.After(wait):
-		case <-req.Context().Done():
-			return nil, req.Context().Err()
+		if err := sleep(req.Context(), wait); err != nil {
+			return nil, err
 		}
 	}
 }
@@ -141,6 +139,16 @@ func (t *baseTransport) once(rt http.RoundTripper, req *http.Request) (*http.Res
 	}
 	resp.Body = newStallBody(resp.Body, t.c.cfg.RequestTimeout, cancel)
 	return resp, nil
+}
+
+// sleep waits between tries; tests replace it to see the waits chosen.
+var sleep = func(ctx context.Context, d time.Duration) error {
+	select {
+	case <-time.After(d):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func backoff(attempt int, max time.Duration) time.Duration {
