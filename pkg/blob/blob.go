@@ -99,6 +99,9 @@ type Reader struct {
 	cache   *chunkcache.Cache
 	sf      singleflight.Group
 
+	inflightMu sync.Mutex
+	inflight   map[string]chan struct{} // chunk digest -> closed when its fetch ends
+
 	waiting atomic.Int32 // foreground reads waiting for a fetch
 	idle    *sync.Cond
 	idleMu  sync.Mutex
@@ -117,7 +120,7 @@ func NewReader(f Fetcher, cache *chunkcache.Cache, o Options) *Reader {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	r := &Reader{o: o, fetcher: f, cache: cache}
+	r := &Reader{o: o, fetcher: f, cache: cache, inflight: map[string]chan struct{}{}}
 	r.idle = sync.NewCond(&r.idleMu)
 	return r
 }
@@ -154,8 +157,10 @@ func (r *Reader) ReadAt(ctx context.Context, c Chunk, p []byte, off int64) (int,
 // pause background ones.
 func (r *Reader) Ensure(ctx context.Context, cs []Chunk, foreground bool) error {
 	var missing []Chunk
+	seen := make(map[string]bool, len(cs))
 	for _, c := range cs {
-		if !r.cache.Has(c.Digest) {
+		if !seen[c.Digest] && !r.cache.Has(c.Digest) {
+			seen[c.Digest] = true
 			missing = append(missing, c)
 		}
 	}
@@ -170,11 +175,52 @@ func (r *Reader) Ensure(ctx context.Context, cs []Chunk, foreground bool) error 
 			}
 		}()
 	}
-	sort.Slice(missing, func(i, j int) bool { return missing[i].Offset < missing[j].Offset })
-	for _, g := range r.groups(missing) {
+	// Chunks another fetch (a prefetch, another read) is already bringing
+	// are waited for, not fetched twice.
+	var mine []Chunk
+	var waits []chan struct{}
+	r.inflightMu.Lock()
+	for _, c := range missing {
+		if ch, ok := r.inflight[c.Digest]; ok {
+			waits = append(waits, ch)
+			continue
+		}
+		r.inflight[c.Digest] = make(chan struct{})
+		mine = append(mine, c)
+	}
+	r.inflightMu.Unlock()
+	defer func() {
+		r.inflightMu.Lock()
+		for _, c := range mine {
+			if ch, ok := r.inflight[c.Digest]; ok {
+				close(ch)
+				delete(r.inflight, c.Digest)
+			}
+		}
+		r.inflightMu.Unlock()
+	}()
+	sort.Slice(mine, func(i, j int) bool { return mine[i].Offset < mine[j].Offset })
+	for _, g := range r.groups(mine) {
 		if err := r.fetchGroup(ctx, g); err != nil {
 			return err
 		}
+	}
+	for _, ch := range waits {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	// What the other fetch failed to bring, fetch now.
+	var left []Chunk
+	for _, c := range missing {
+		if !r.cache.Has(c.Digest) {
+			left = append(left, c)
+		}
+	}
+	if len(left) > 0 && len(waits) > 0 {
+		return r.Ensure(ctx, left, foreground)
 	}
 	return nil
 }

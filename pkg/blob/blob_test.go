@@ -126,3 +126,18 @@ func TestDeadSourceTimesOut(t *testing.T) {
 		t.Fatal("a fetch from a dead source hung")
 	}
 }
+
+func TestDuplicateChunksInOneRead(t *testing.T) {
+	blob, cs := blobOf(t, []byte("same"), []byte("other"))
+	r := newTestReader(t, &memFetcher{blob: blob})
+	done := make(chan error, 1)
+	go func() { done <- r.Ensure(context.Background(), []Chunk{cs[0], cs[1], cs[0]}, true) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a read naming one chunk twice deadlocked")
+	}
+}

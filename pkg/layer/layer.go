@@ -155,7 +155,21 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 		MaxMerge:     64 << 20,
 		Logger:       m.o.Logger,
 	})
-	return &Layer{desc: desc, reader: r, chunks: br, m: m}, nil
+	l := &Layer{desc: desc, reader: r, chunks: br, m: m}
+	l.mu.Lock()
+	l.startFetchAhead()
+	l.mu.Unlock()
+	return l, nil
+}
+
+// Close stops background work of a layer that was resolved but never mounted.
+func (l *Layer) Close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.server == nil && l.cancel != nil {
+		l.cancel()
+		<-l.done
+	}
 }
 
 // Stats says what reading the layer has cost so far.
@@ -179,11 +193,21 @@ func (l *Layer) Mount(mountpoint string) error {
 	}
 	l.server = srv
 	l.dir = mountpoint
+	l.startFetchAhead()
+	return nil
+}
+
+// startFetchAhead starts prefetch and background fetch once. Resolve calls
+// it, so that the prioritized region is on its way while containerd is still
+// pulling the other layers and creating the container.
+func (l *Layer) startFetchAhead() {
+	if l.done != nil {
+		return
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	l.cancel = cancel
 	l.done = make(chan struct{})
 	go l.fetchAhead(ctx)
-	return nil
 }
 
 // Unmount stops background work and unmounts.
@@ -195,6 +219,7 @@ func (l *Layer) Unmount() error {
 	}
 	l.cancel()
 	<-l.done
+	l.done = nil
 	err := l.server.Unmount()
 	if err != nil {
 		// Busy: containers still use it as a lower layer. Detach it so the

@@ -256,6 +256,10 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR) != 0 {
 		return nil, 0, syscall.EROFS
 	}
+	if n.e != nil && n.l.Logger.Enabled(ctx, slog.LevelDebug) {
+		// Which files a workload opens is what --prioritized-files wants.
+		n.l.Logger.Debug("file opened", "layer", n.l.Name, "file", n.e.Name)
+	}
 	// Contents never change: let the kernel keep them in its page cache.
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
 }
