@@ -1,0 +1,101 @@
+package storage
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+)
+
+func sum(b []byte) string { s := sha256.Sum256(b); return hex.EncodeToString(s[:]) }
+
+func TestPiecesSurviveRestartAndVerify(t *testing.T) {
+	dir := t.TempDir()
+	blob := make([]byte, 10)
+	for i := range blob {
+		blob[i] = byte(i)
+	}
+	id := "sha256:" + sum(blob)
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, err := s.Task(id, 10, 4, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.WritePiece(0, blob[0:4], sum(blob[0:4])); err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.WritePiece(1, blob[4:8], sum([]byte("nope"))); !errors.Is(err, ErrPieceDigest) {
+		t.Fatalf("a bad piece was stored: %v", err)
+	}
+	s.Close()
+
+	s, err = Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	tk, ok := s.Lookup(id)
+	if !ok || !tk.HasPiece(0) || tk.HasPiece(1) {
+		t.Fatalf("after restart: found %v, pieces %v", ok, tk.Pieces())
+	}
+	if err := tk.Finish(); err == nil {
+		t.Fatal("an incomplete task finished")
+	}
+	tk.WritePiece(1, blob[4:8], sum(blob[4:8]))
+	tk.WritePiece(2, blob[8:], sum(blob[8:]))
+	if err := tk.Finish(); err != nil || !tk.Done() {
+		t.Fatalf("finish: %v", err)
+	}
+	data, _, ok, err := tk.ReadPiece(2)
+	if err != nil || !ok || string(data) != string(blob[8:]) {
+		t.Fatalf("read piece: %v %v", ok, err)
+	}
+}
+
+func TestWrongWholeDigestDiscards(t *testing.T) {
+	s, _ := Open(t.TempDir(), Options{})
+	defer s.Close()
+	id := "sha256:" + sum([]byte("expected"))
+	tk, _ := s.Task(id, 4, 4, id)
+	tk.WritePiece(0, []byte("evil"), sum([]byte("evil")))
+	if err := tk.Finish(); !errors.Is(err, ErrTaskDigest) {
+		t.Fatalf("want ErrTaskDigest, got %v", err)
+	}
+	if _, ok := s.Lookup(id); ok {
+		t.Fatal("a task with the wrong digest was kept")
+	}
+}
+
+func TestGCByAgeAndQuota(t *testing.T) {
+	s, _ := Open(t.TempDir(), Options{Quota: 100, HighWatermark: 0.9, LowWatermark: 0.5, MaxAge: time.Hour})
+	defer s.Close()
+	var ids []string
+	for i := 0; i < 5; i++ {
+		id := fmt.Sprintf("task%d", i)
+		if _, err := s.Task(id, 20, 4, ""); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+		time.Sleep(5 * time.Millisecond)
+	}
+	busy, _ := s.Lookup(ids[0])
+	busy.Acquire()
+	// 100 bytes stored > 90: remove least recently used (not the busy one) until <= 50.
+	removed := s.GC(time.Now())
+	if len(removed) != 3 || removed[0] != ids[1] {
+		t.Fatalf("removed %v", removed)
+	}
+	if _, ok := s.Lookup(ids[0]); !ok {
+		t.Fatal("a task in use was removed")
+	}
+	busy.Release()
+	removed = s.GC(time.Now().Add(2 * time.Hour))
+	if len(removed) != 2 {
+		t.Fatalf("age collection removed %v", removed)
+	}
+}
