@@ -29,13 +29,7 @@ func (r rawManifest) MediaType() (types.MediaType, error) { return r.mt, nil }
 // naming the layer, and the container still runs.
 func TestTOCDigestMismatch(t *testing.T) {
 	s := newStack(t, "")
-	img, err := testimage.HardCases()
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("hard:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	_, esgz := s.converted("hard", must(t)(testimage.HardCases()))
 
 	// Lie about the top layer's TOC digest in the manifest.
 	c := registry.New(registry.DefaultConfig())
@@ -84,9 +78,7 @@ func TestEscapingEntryRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gz := s.push("evil:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	_, esgz := s.converted("evil", img)
 	out := s.pull(esgz)
 	if !strings.Contains(out, "1 of 2 layers lazy") {
 		t.Fatalf("pull: %s", out)
@@ -103,13 +95,7 @@ func TestEscapingEntryRefused(t *testing.T) {
 // registry is back.
 func TestRegistryStopsMidRead(t *testing.T) {
 	s := newStack(t, noFetchAhead+"fetch_timeout = \"5s\"\n[resolver]\nrequest_timeout = \"2s\"\nretries = 1\n")
-	img, err := testimage.Large(20<<20, 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("large:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	_, esgz := s.converted("large", must(t)(testimage.Large(20<<20, 20)))
 	s.pull(esgz)
 	// busybox itself must be there before the registry dies.
 	if out, err := s.ctrRun(esgz, "/bin/cat", "/small/s0000"); err != nil {

@@ -32,13 +32,7 @@ func checkRemote(t *testing.T, s *stack, ref string) {
 // the reference converter, ctr-remote, with ctr run --snapshotter starling.
 func TestRunLazily(t *testing.T) {
 	s := newStack(t, "")
-	img, err := testimage.HardCases()
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("hard:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	gz, esgz := s.converted("hard", must(t)(testimage.HardCases()))
 
 	ctrRemote := strings.Replace(gz, ":gz", ":ctr-remote", 1)
 	cr := func(args ...string) {
@@ -73,13 +67,7 @@ func TestRunLazily(t *testing.T) {
 // image equals what containerd's overlayfs unpacks from the original.
 func TestLazyTreeEqualsOverlay(t *testing.T) {
 	s := newStack(t, noFetchAhead)
-	img, err := testimage.HardCases()
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("hard:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	gz, esgz := s.converted("hard", must(t)(testimage.HardCases()))
 	s.pull(esgz)
 	ctx := context.Background()
 	if out, err := s.ctd.Ctr(ctx, "image", "pull", "--plain-http", gz); err != nil {
@@ -127,13 +115,7 @@ func TestLazyTreeEqualsOverlay(t *testing.T) {
 // fetch off.
 func TestSmallShareOfLargeLayer(t *testing.T) {
 	s := newStack(t, noFetchAhead)
-	img, err := testimage.Large(100<<20, 100)
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("large:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	_, esgz := s.converted("large", must(t)(testimage.Large(100<<20, 100)))
 	layers := s.layers(esgz)
 	big := layers[len(layers)-1]
 	s.proxy.Reset()
@@ -154,13 +136,7 @@ func TestSmallShareOfLargeLayer(t *testing.T) {
 // again and new containers start.
 func TestRestart(t *testing.T) {
 	s := newStack(t, "")
-	img, err := testimage.HardCases()
-	if err != nil {
-		t.Fatal(err)
-	}
-	gz := s.push("hard:gz", img)
-	esgz := strings.Replace(gz, ":gz", ":esgz", 1)
-	s.run("convert", gz, esgz)
+	_, esgz := s.converted("hard", must(t)(testimage.HardCases()))
 	s.pull(esgz)
 	if out, err := s.ctrRun(esgz, "/bin/cat", "/etc/layer3"); err != nil || out != "third\n" {
 		t.Fatalf("before restart: %v %q", err, out)

@@ -141,3 +141,24 @@ func chainID(t *testing.T, s *stack, ref string) string {
 	}
 	return identity.ChainID(ids).String()
 }
+
+// converted pushes img as REPO:gz and its `starling convert` as REPO:esgz;
+// both references go through the counting proxy.
+func (s *stack) converted(repo string, img v1.Image) (gz, esgz string) {
+	s.t.Helper()
+	gz = s.push(repo+":gz", img)
+	esgz = s.proxy.Addr + "/" + repo + ":esgz"
+	s.run("convert", gz, esgz)
+	return gz, esgz
+}
+
+// must fails the test on an error from building an image.
+func must(t *testing.T) func(v1.Image, error) v1.Image {
+	return func(img v1.Image, err error) v1.Image {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}
+}
