@@ -19,17 +19,6 @@ func DefaultPeer() Peer {
 	return Peer{Enable: true, Role: "peer", UploadListen: ":4000"}
 }
 
-// Proxy configures the HTTP proxy and registry mirror.
-type Proxy struct {
-	// Listen is the proxy's address.
-	Listen string `toml:"listen"`
-}
-
-// DefaultProxy is the proxy section's defaults.
-func DefaultProxy() Proxy {
-	return Proxy{Listen: "127.0.0.1:4001"}
-}
-
 // Storage configures where the peer keeps task pieces.
 type Storage struct{}
 
