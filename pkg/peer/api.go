@@ -1,0 +1,83 @@
+package peer
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/starling-dev/starling/pkg/storage"
+)
+
+// Options configures a Peer.
+type Options struct {
+	// Root holds the task storage and the peer's persisted ID.
+	Root string
+	// ID names the peer to the scheduler; empty reads or makes Root/peer-id.
+	ID string
+	// Seed marks a seed peer: preferred for origin fetches, takes preheat work.
+	Seed bool
+	// Schedulers are HOST:PORT; empty runs standalone (every piece from the origin).
+	Schedulers []string
+	// AdvertiseIP is the address other peers reach this one at.
+	AdvertiseIP string
+	// UploadListen is the upload server's address; empty serves nothing.
+	UploadListen string
+	// UploadConcurrency bounds concurrent uploads; UploadRate (bytes/s, 0 = unlimited) their bandwidth.
+	UploadConcurrency int
+	UploadRate        int64
+	// PieceSize cuts new tasks (piece.DefaultSize when 0).
+	PieceSize int64
+	// Concurrency is how many pieces of one task are downloaded at once.
+	Concurrency int
+	// Zone and Rack are location labels for parent ranking.
+	Zone, Rack string
+	// Storage bounds the task storage.
+	Storage storage.Options
+	// AnnounceInterval is the heartbeat period.
+	AnnounceInterval time.Duration
+	// PieceTimeout bounds one piece download from a parent before it is asked elsewhere.
+	PieceTimeout time.Duration
+	// Client fetches from the origin for HTTPSource; nil uses http.DefaultClient.
+	Client     *http.Client
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Source is the origin of a task.
+type Source interface {
+	// Size returns the blob's length.
+	Size(ctx context.Context) (int64, error)
+	// Fetch returns length bytes of the blob from off.
+	Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error)
+}
+
+// Request names a task to download.
+type Request struct {
+	// TaskID is taskid.ForURL of URL, or the blob digest.
+	TaskID string
+	// URL and Header let a seed peer fetch the task itself.
+	URL    string
+	Header http.Header
+	// Digest ("sha256:<hex>"), when set, is checked once the task is whole.
+	Digest string
+	// Length, when known, saves asking the origin.
+	Length int64
+	// Source fetches from the origin; nil makes an HTTPSource of URL and Header.
+	Source Source
+}
+
+// OriginError is an origin's refusal (401, 404, ...). The proxy relays its
+// status and headers so a client can, say, fetch a token and try again.
+type OriginError struct {
+	URL        string
+	StatusCode int
+	Header     http.Header
+}
+
+func (e *OriginError) Error() string {
+	return "origin " + e.URL + ": " + http.StatusText(e.StatusCode)
+}

@@ -1,0 +1,192 @@
+// Package peer is the P2P peer of starlingd: it downloads tasks piece by
+// piece from the parents the scheduler names, or from the origin when the
+// scheduler says so (or is unreachable), verifies every piece against its
+// digest before storing it, reports what it holds, and serves its pieces to
+// other peers from the upload server.
+package peer
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/starling-dev/starling/pkg/piece"
+	"github.com/starling-dev/starling/pkg/storage"
+)
+
+// Peer is a starling P2P peer: task storage, downloads, upload server and
+// scheduler client. It is safe for concurrent use.
+type Peer struct {
+	o     Options
+	id    string
+	log   *slog.Logger
+	m     *metrics
+	store *storage.Store
+	sched *schedClient // nil: standalone
+	up    *uploader
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	tasks map[string]*task
+}
+
+// New opens the peer's storage under o.Root. Nothing listens until Start.
+func New(o Options) (*Peer, error) {
+	if o.Root == "" {
+		return nil, errors.New("peer: no root directory")
+	}
+	if o.PieceSize <= 0 {
+		o.PieceSize = piece.DefaultSize
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 8
+	}
+	if o.UploadConcurrency <= 0 {
+		o.UploadConcurrency = 32
+	}
+	if o.AnnounceInterval <= 0 {
+		o.AnnounceInterval = time.Second
+	}
+	if o.PieceTimeout <= 0 {
+		o.PieceTimeout = 30 * time.Second
+	}
+	if o.Client == nil {
+		o.Client = http.DefaultClient
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registerer == nil {
+		// A private registry, so several peers fit in one process (tests,
+		// starling get --standalone).
+		o.Registerer = prometheus.NewRegistry()
+	}
+	if err := os.MkdirAll(o.Root, 0o700); err != nil {
+		return nil, fmt.Errorf("peer root %s: %w", o.Root, err)
+	}
+	id := o.ID
+	if id == "" {
+		var err error
+		if id, err = loadID(filepath.Join(o.Root, "peer-id")); err != nil {
+			return nil, err
+		}
+	}
+	store, err := storage.Open(filepath.Join(o.Root, "tasks"), o.Storage)
+	if err != nil {
+		return nil, fmt.Errorf("peer storage in %s: %w", o.Root, err)
+	}
+	m, err := newMetrics(o.Registerer)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Peer{o: o, id: id, log: o.Logger.With("peer", id), m: m, store: store,
+		ctx: ctx, cancel: cancel, tasks: map[string]*task{}}
+	if len(o.Schedulers) > 0 {
+		p.sched = newSchedClient(p, o.Schedulers)
+	}
+	return p, nil
+}
+
+// loadID reads the peer's ID, making one on first start: a restarted peer
+// keeps its ID, so the scheduler's view of what it holds stays right.
+func loadID(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	host, _ := os.Hostname()
+	var r [6]byte
+	_, _ = rand.Read(r[:])
+	id := host + "-" + hex.EncodeToString(r[:])
+	if err := os.WriteFile(path, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("save peer ID: %w", err)
+	}
+	return id, nil
+}
+
+// ID is the peer's ID.
+func (p *Peer) ID() string { return p.id }
+
+// Seed reports whether this is a seed peer.
+func (p *Peer) Seed() bool { return p.o.Seed }
+
+// Start listens for uploads, starts announcing to the schedulers, resumes
+// the downloads a previous run left unfinished and collects garbage.
+func (p *Peer) Start(ctx context.Context) error {
+	if p.o.UploadListen != "" {
+		l, err := net.Listen("tcp", p.o.UploadListen)
+		if err != nil {
+			return fmt.Errorf("upload server on %s: %w", p.o.UploadListen, err)
+		}
+		p.up = newUploader(p, l)
+		p.wg.Add(1)
+		go func() { defer p.wg.Done(); p.up.serve() }()
+	}
+	if p.sched != nil {
+		p.wg.Add(1)
+		go func() { defer p.wg.Done(); p.sched.announceLoop(p.ctx) }()
+	}
+	p.wg.Add(1)
+	go func() { defer p.wg.Done(); p.gcLoop(p.ctx) }()
+	p.resume()
+	return nil
+}
+
+func (p *Peer) gcLoop(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			for _, id := range p.store.GC(now) {
+				removeRequest(p.o.Root, id)
+				p.log.Info("task collected", "task", id)
+			}
+		}
+	}
+}
+
+// UploadAddr is the address the upload server listens at ("" when none).
+func (p *Peer) UploadAddr() string {
+	if p.up == nil {
+		return ""
+	}
+	return p.up.l.Addr().String()
+}
+
+// Close stops the peer and tells the schedulers it is gone.
+func (p *Peer) Close() error {
+	if p.sched != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		p.sched.leave(ctx)
+		cancel()
+	}
+	p.cancel()
+	if p.up != nil {
+		p.up.close()
+	}
+	p.wg.Wait()
+	if p.sched != nil {
+		p.sched.close()
+	}
+	return p.store.Close()
+}

@@ -1,0 +1,527 @@
+package peer
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/piece"
+	"github.com/starling-dev/starling/pkg/storage"
+)
+
+// waitBackoff is how long a piece that another peer is fetching from the
+// origin rests before the scheduler is asked again: about the time a piece
+// takes on a fast link, so a waiting peer starts soon after it appears.
+const waitBackoff = 100 * time.Millisecond
+
+// avoidFor rests a parent that failed (dead, slow, full) for this task.
+const avoidFor = 10 * time.Second
+
+// maxParentRounds is how often a piece is tried from parents before it is
+// fetched from the origin instead.
+const maxParentRounds = 3
+
+// errRetry marks a piece to be scheduled again (its parents failed).
+var errRetry = errors.New("retry")
+
+// task is the download state of one task, shared by every Download of it.
+type task struct {
+	p      *Peer
+	id     string
+	req    Request
+	src    Source
+	st     *storage.Task
+	length int64
+	psize  int64
+	count  int
+
+	mu         sync.Mutex
+	refs       int
+	have       []bool
+	urgent     map[int]bool
+	all        bool
+	inflight   map[int]bool
+	failed     map[int]error
+	waitUntil  map[int]time.Time
+	rounds     map[int]int
+	avoid      map[string]time.Time
+	bad        map[string]bool
+	parentLoad map[string]int
+	parentOf   map[int]string
+	fatal      error
+	done       bool
+	running    bool
+	registered bool
+	changed    chan struct{}
+	kick       chan struct{}
+}
+
+func newTask(p *Peer, r Request, src Source, st *storage.Task) *task {
+	t := &task{p: p, id: r.TaskID, req: r, src: src, st: st, length: st.Length(), psize: st.PieceSize(),
+		urgent: map[int]bool{}, inflight: map[int]bool{}, failed: map[int]error{},
+		waitUntil: map[int]time.Time{}, rounds: map[int]int{}, avoid: map[string]time.Time{},
+		bad: map[string]bool{}, parentLoad: map[string]int{}, parentOf: map[int]string{},
+		changed: make(chan struct{}), kick: make(chan struct{}, 1)}
+	t.count = piece.Count(t.length, t.psize)
+	t.have = make([]bool, t.count)
+	for n := range st.Pieces() {
+		if n >= 0 && n < t.count {
+			t.have[n] = true
+		}
+	}
+	t.done = st.Done()
+	return t
+}
+
+// broadcastLocked wakes everyone waiting for a change.
+func (t *task) broadcastLocked() {
+	close(t.changed)
+	t.changed = make(chan struct{})
+}
+
+func (t *task) wake() {
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+// wantLocked marks pieces first..last as needed now and starts the loop.
+func (t *task) wantLocked(first, last int) {
+	for n := first; n <= last; n++ {
+		if !t.have[n] {
+			t.urgent[n] = true
+			delete(t.failed, n)
+		}
+	}
+	t.startLocked()
+}
+
+func (t *task) startLocked() {
+	if !t.running && !t.done && t.fatal == nil {
+		t.running = true
+		t.p.wg.Add(1)
+		go func() { defer t.p.wg.Done(); t.run(); t.p.release(t) }()
+	}
+	t.wake()
+}
+
+func (t *task) allHaveLocked() bool {
+	for _, h := range t.have {
+		if !h {
+			return false
+		}
+	}
+	return true
+}
+
+// pendingLocked lists the pieces to ask for now, most wanted first: what a
+// reader waits for, then (when the whole task is wanted) the rest in order.
+func (t *task) pendingLocked(now time.Time) (pending []int, waiting bool, wake time.Time) {
+	consider := func(n int) {
+		if t.have[n] || t.inflight[n] || t.failed[n] != nil {
+			return
+		}
+		if w, ok := t.waitUntil[n]; ok && now.Before(w) {
+			waiting = true
+			if wake.IsZero() || w.Before(wake) {
+				wake = w
+			}
+			return
+		}
+		pending = append(pending, n)
+	}
+	var us []int
+	for n := range t.urgent {
+		us = append(us, n)
+	}
+	sort.Ints(us)
+	for _, n := range us {
+		consider(n)
+	}
+	if t.all {
+		for n := 0; n < t.count; n++ {
+			if !t.urgent[n] {
+				consider(n)
+			}
+		}
+	}
+	return pending, waiting, wake
+}
+
+// run is the task's download loop: it keeps up to Concurrency pieces in
+// flight and ends when nothing wanted is missing.
+func (t *task) run() {
+	for {
+		t.mu.Lock()
+		if t.fatal != nil || t.done {
+			t.running = false
+			t.mu.Unlock()
+			return
+		}
+		now := time.Now()
+		pending, waiting, wakeAt := t.pendingLocked(now)
+		if t.allHaveLocked() && len(t.inflight) == 0 {
+			t.mu.Unlock()
+			t.finish()
+			t.mu.Lock()
+			t.running = false
+			t.mu.Unlock()
+			return
+		}
+		if len(pending) == 0 && !waiting && len(t.inflight) == 0 {
+			t.running = false
+			t.mu.Unlock()
+			return
+		}
+		free := t.p.o.Concurrency - len(t.inflight)
+		var batch []int
+		if free > 0 && len(pending) > 0 {
+			batch = pending[:min(free, len(pending))]
+			for _, n := range batch {
+				t.inflight[n] = true
+			}
+		}
+		t.mu.Unlock()
+		if len(batch) > 0 {
+			t.dispatch(batch)
+			continue
+		}
+		var timer <-chan time.Time
+		if waiting {
+			timer = time.After(max(time.Until(wakeAt), time.Millisecond))
+		}
+		select {
+		case <-t.kick:
+		case <-timer:
+		case <-t.p.ctx.Done():
+			t.mu.Lock()
+			t.running = false
+			t.mu.Unlock()
+			return
+		}
+	}
+}
+
+// finish verifies the whole task once every piece is there.
+func (t *task) finish() {
+	err := t.st.Finish()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err != nil {
+		t.fatal = fmt.Errorf("task %s (%s): %w", t.id, t.req.URL, err)
+		parents := map[string]bool{}
+		for _, par := range t.parentOf {
+			parents[par] = true
+		}
+		t.p.log.Error("task failed verification, discarded", "task", t.id, "url", t.req.URL, "err", err)
+		for par := range parents {
+			go t.reportBad(par)
+		}
+	} else if !t.done {
+		t.done = true
+		t.p.m.completed.Inc()
+		removeRequest(t.p.o.Root, t.id)
+		t.p.log.Debug("task done", "task", t.id, "bytes", t.length)
+	}
+	t.broadcastLocked()
+}
+
+// dispatch asks the scheduler where to get the pieces of batch and starts
+// fetching them; without a scheduler every piece comes from the origin.
+func (t *task) dispatch(batch []int) {
+	c := t.p.sched
+	if c == nil {
+		for _, n := range batch {
+			t.goOrigin(n, "standalone")
+		}
+		return
+	}
+	c.mu.Lock()
+	up := c.up
+	c.mu.Unlock()
+	var resp *schedulerpb.ScheduleResponse
+	err := errors.New("scheduler marked down")
+	if up {
+		resp, err = t.schedule(batch)
+	}
+	if err != nil {
+		if up {
+			c.setUp(false, err)
+		}
+		for _, n := range batch {
+			t.goOrigin(n, "scheduler_unreachable")
+		}
+		return
+	}
+	got := map[int]bool{}
+	now := time.Now()
+	for _, a := range resp.GetAssignments() {
+		n := int(a.GetPiece())
+		if n < 0 || n >= t.count || got[n] {
+			continue
+		}
+		got[n] = true
+		var parents []*schedulerpb.PeerInfo
+		t.mu.Lock()
+		for _, par := range a.GetParents() {
+			if par.GetId() == t.p.id || t.bad[par.GetId()] || now.Before(t.avoid[par.GetId()]) {
+				continue
+			}
+			parents = append(parents, par)
+		}
+		rounds := t.rounds[n]
+		t.mu.Unlock()
+		switch {
+		case len(parents) > 0 && a.GetDigest() != "" && rounds < maxParentRounds:
+			t.goParents(n, a.GetDigest(), parents)
+		case len(a.GetParents()) > 0:
+			// Every parent failed or was refused: the origin has it.
+			t.goOrigin(n, "parents_failed")
+		case a.GetBackToSource():
+			t.goOrigin(n, "scheduled")
+		default:
+			t.mu.Lock()
+			delete(t.inflight, n)
+			t.waitUntil[n] = now.Add(waitBackoff)
+			t.mu.Unlock()
+		}
+	}
+	for _, n := range batch {
+		if !got[n] {
+			t.mu.Lock()
+			delete(t.inflight, n)
+			t.waitUntil[n] = now.Add(waitBackoff)
+			t.mu.Unlock()
+		}
+	}
+}
+
+func (t *task) schedule(batch []int) (*schedulerpb.ScheduleResponse, error) {
+	addr, cl := t.p.sched.pick(t.id)
+	if cl == nil {
+		return nil, fmt.Errorf("no client for scheduler %s", addr)
+	}
+	t.mu.Lock()
+	registered := t.registered
+	t.mu.Unlock()
+	if !registered {
+		ctx, cancel := context.WithTimeout(t.p.ctx, callTimeout)
+		_, err := cl.RegisterTask(ctx, &schedulerpb.RegisterTaskRequest{PeerId: t.p.id, Task: workOf(t.req),
+			Length: t.length, PieceSize: t.psize})
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("register task %s with scheduler %s: %w", t.id, addr, err)
+		}
+		t.mu.Lock()
+		t.registered = true
+		t.mu.Unlock()
+	}
+	req := &schedulerpb.ScheduleRequest{PeerId: t.p.id, TaskId: t.id}
+	for _, n := range batch {
+		req.Pieces = append(req.Pieces, int32(n))
+	}
+	ctx, cancel := context.WithTimeout(t.p.ctx, callTimeout)
+	defer cancel()
+	resp, err := cl.Schedule(ctx, req)
+	if err != nil {
+		t.mu.Lock()
+		t.registered = false
+		t.mu.Unlock()
+		return nil, fmt.Errorf("schedule task %s with scheduler %s: %w", t.id, addr, err)
+	}
+	return resp, nil
+}
+
+func (t *task) goOrigin(n int, reason string) {
+	t.p.wg.Add(1)
+	go func() {
+		defer t.p.wg.Done()
+		t.pieceDone(n, t.fromOrigin(n, reason), "")
+	}()
+}
+
+func (t *task) goParents(n int, digest string, parents []*schedulerpb.PeerInfo) {
+	t.p.wg.Add(1)
+	go func() {
+		defer t.p.wg.Done()
+		par, err := t.fromParents(n, digest, parents)
+		t.pieceDone(n, err, par)
+	}()
+}
+
+func (t *task) fromOrigin(n int, reason string) error {
+	off, l := piece.Range(n, t.length, t.psize)
+	rc, err := t.src.Fetch(t.p.ctx, off, l)
+	if err != nil {
+		return fmt.Errorf("fetch piece %d of task %s from the origin: %w", n, t.id, err)
+	}
+	data := make([]byte, l)
+	_, err = io.ReadFull(rc, data)
+	rc.Close()
+	if err != nil {
+		return fmt.Errorf("fetch piece %d of task %s from the origin %s: %w", n, t.id, t.req.URL, err)
+	}
+	sum := sha256.Sum256(data)
+	if err := t.st.WritePiece(n, data, hex.EncodeToString(sum[:])); err != nil {
+		return fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
+	}
+	t.p.m.pieceBytes.WithLabelValues("origin").Add(float64(l))
+	t.p.m.backToSource.WithLabelValues(reason).Inc()
+	t.report(n, hex.EncodeToString(sum[:]))
+	return nil
+}
+
+// fromParents tries the parents in turn, least loaded by us first. A
+// parent whose piece does not match the digest the origin fetcher
+// registered is never asked again for this task.
+func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo) (string, error) {
+	t.mu.Lock()
+	sort.SliceStable(parents, func(i, j int) bool {
+		return t.parentLoad[parents[i].GetId()] < t.parentLoad[parents[j].GetId()]
+	})
+	t.mu.Unlock()
+	for _, par := range parents {
+		id := par.GetId()
+		t.mu.Lock()
+		t.parentLoad[id]++
+		t.mu.Unlock()
+		_, want := piece.Range(n, t.length, t.psize)
+		data, err := t.p.fetchPiece(t.p.ctx, par, t.id, n, want)
+		t.mu.Lock()
+		t.parentLoad[id]--
+		t.mu.Unlock()
+		if err != nil {
+			t.p.log.Debug("piece from parent failed", "task", t.id, "piece", n, "parent", id, "err", err)
+			t.mu.Lock()
+			t.avoid[id] = time.Now().Add(avoidFor)
+			t.mu.Unlock()
+			continue
+		}
+		sum := sha256.Sum256(data)
+		if hex.EncodeToString(sum[:]) != digest {
+			t.p.m.badPieces.Inc()
+			t.p.log.Warn("parent served a bad piece: not asking it again for this task",
+				"task", t.id, "piece", n, "parent", id, "addr", fmt.Sprintf("%s:%d", par.GetIp(), par.GetUploadPort()))
+			t.mu.Lock()
+			t.bad[id] = true
+			t.mu.Unlock()
+			go t.reportBad(id)
+			continue
+		}
+		if err := t.st.WritePiece(n, data, digest); err != nil {
+			return "", fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
+		}
+		t.p.m.pieceBytes.WithLabelValues("parent").Add(float64(len(data)))
+		t.report(n, digest)
+		return id, nil
+	}
+	t.mu.Lock()
+	t.rounds[n]++
+	t.mu.Unlock()
+	return "", errRetry
+}
+
+func (t *task) report(n int, digest string) {
+	c := t.p.sched
+	if c == nil {
+		return
+	}
+	addr, cl := c.pick(t.id)
+	if cl == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(t.p.ctx, callTimeout)
+	defer cancel()
+	_, err := cl.ReportPieces(ctx, &schedulerpb.ReportPiecesRequest{PeerId: t.p.id, TaskId: t.id,
+		Length: t.length, PieceSize: t.psize, Pieces: []*schedulerpb.PieceDigest{{Number: int32(n), Digest: digest}}})
+	if err != nil {
+		// The next full announce tells the scheduler instead.
+		c.mu.Lock()
+		c.synced[addr] = false
+		c.mu.Unlock()
+		t.p.log.Debug("report piece", "task", t.id, "piece", n, "scheduler", addr, "err", err)
+	}
+}
+
+func (t *task) reportBad(parent string) {
+	c := t.p.sched
+	if c == nil {
+		return
+	}
+	_, cl := c.pick(t.id)
+	if cl == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(t.p.ctx, callTimeout)
+	defer cancel()
+	_, _ = cl.ReportBadParent(ctx, &schedulerpb.ReportBadParentRequest{PeerId: t.p.id, TaskId: t.id, ParentId: parent})
+}
+
+func (t *task) pieceDone(n int, err error, parent string) {
+	t.mu.Lock()
+	delete(t.inflight, n)
+	switch {
+	case err == nil:
+		t.have[n] = true
+		delete(t.urgent, n)
+		delete(t.waitUntil, n)
+		if parent != "" {
+			t.parentOf[n] = parent
+		}
+	case errors.Is(err, errRetry):
+	default:
+		if t.p.ctx.Err() == nil {
+			t.p.log.Warn("piece failed", "task", t.id, "piece", n, "err", err)
+		}
+		t.failed[n] = err
+		delete(t.urgent, n)
+	}
+	t.broadcastLocked()
+	t.mu.Unlock()
+	t.wake()
+}
+
+// waitRange waits until pieces first..last are held, one of them failed,
+// or the task failed.
+func (t *task) waitRange(ctx context.Context, first, last int) error {
+	for {
+		t.mu.Lock()
+		if t.fatal != nil {
+			err := t.fatal
+			t.mu.Unlock()
+			return err
+		}
+		missing := false
+		for n := first; n <= last; n++ {
+			if t.have[n] {
+				continue
+			}
+			if err := t.failed[n]; err != nil {
+				t.mu.Unlock()
+				return err
+			}
+			missing = true
+		}
+		if !missing {
+			t.mu.Unlock()
+			return nil
+		}
+		ch := t.changed
+		t.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.p.ctx.Done():
+			return errors.New("peer stopped")
+		}
+	}
+}

@@ -1,0 +1,164 @@
+package peer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/starling-dev/starling/api/schedulerpb"
+)
+
+// piecePath is where the upload server serves piece N of a task.
+const piecePath = "/pieces/"
+
+// uploader serves stored pieces to other peers, within a bound on
+// concurrent uploads (a full peer answers 503 at once, so the downloader
+// asks the next parent) and on bandwidth.
+type uploader struct {
+	p       *Peer
+	l       net.Listener
+	srv     *http.Server
+	slots   chan struct{}
+	active  atomic.Int64
+	limit   *rate.Limiter // nil: unlimited
+	corrupt bool
+}
+
+func newUploader(p *Peer, l net.Listener) *uploader {
+	u := &uploader{p: p, l: l, slots: make(chan struct{}, p.o.UploadConcurrency),
+		corrupt: os.Getenv("STARLING_TEST_CORRUPT_UPLOADS") == "1"}
+	if p.o.UploadRate > 0 {
+		u.limit = rate.NewLimiter(rate.Limit(p.o.UploadRate), int(min(p.o.UploadRate, 1<<20)))
+	}
+	if u.corrupt {
+		p.log.Warn("STARLING_TEST_CORRUPT_UPLOADS is set: this peer serves corrupted pieces (test hook)")
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc(piecePath, u.servePiece)
+	u.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return u
+}
+
+func (u *uploader) serve() {
+	if err := u.srv.Serve(u.l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		u.p.log.Error("upload server", "addr", u.l.Addr(), "err", err)
+	}
+}
+
+func (u *uploader) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = u.srv.Shutdown(ctx)
+}
+
+func (u *uploader) load() int { return int(u.active.Load()) }
+
+// servePiece answers GET /pieces/<task>/<n> with the piece and its digest.
+func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
+	rest := strings.TrimPrefix(r.URL.Path, piecePath)
+	i := strings.LastIndexByte(rest, '/')
+	if i < 0 {
+		http.Error(w, "want /pieces/<task>/<n>", http.StatusBadRequest)
+		return
+	}
+	id, err := url.PathUnescape(rest[:i])
+	n, err2 := strconv.Atoi(rest[i+1:])
+	if err != nil || err2 != nil || n < 0 {
+		http.Error(w, "want /pieces/<task>/<n>", http.StatusBadRequest)
+		return
+	}
+	select {
+	case u.slots <- struct{}{}:
+	default:
+		http.Error(w, "upload slots full", http.StatusServiceUnavailable)
+		return
+	}
+	u.active.Add(1)
+	u.p.m.uploads.Inc()
+	defer func() {
+		<-u.slots
+		u.active.Add(-1)
+		u.p.m.uploads.Dec()
+	}()
+	st, ok := u.p.store.Lookup(id)
+	if !ok {
+		http.Error(w, "no such task", http.StatusNotFound)
+		return
+	}
+	st.Acquire()
+	defer st.Release()
+	data, sum, ok, err := st.ReadPiece(n)
+	if err != nil {
+		u.p.log.Error("read piece for upload", "task", id, "piece", n, "err", err)
+		http.Error(w, "read piece", http.StatusInternalServerError)
+		return
+	}
+	if !ok {
+		http.Error(w, "piece not held", http.StatusNotFound)
+		return
+	}
+	if u.corrupt {
+		data = append([]byte(nil), data...)
+		data[len(data)/2] ^= 0xff
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+	w.Header().Set("X-Piece-Digest", sum)
+	for off := 0; off < len(data); {
+		k := min(len(data)-off, 64<<10)
+		if u.limit != nil {
+			if err := u.limit.WaitN(r.Context(), k); err != nil {
+				return
+			}
+		}
+		if _, err := w.Write(data[off : off+k]); err != nil {
+			return
+		}
+		u.p.m.uploadBytes.Add(float64(k))
+		off += k
+	}
+}
+
+// parentClient fetches pieces from other peers; it never goes through an
+// HTTP proxy from the environment, peers talk directly.
+var parentClient = &http.Client{Transport: &http.Transport{
+	Proxy:               nil,
+	DialContext:         (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+	MaxIdleConnsPerHost: 16,
+	IdleConnTimeout:     90 * time.Second,
+}}
+
+// fetchPiece downloads piece n of a task from a parent. The caller checks it.
+func (p *Peer) fetchPiece(ctx context.Context, par *schedulerpb.PeerInfo, taskID string, n int, want int64) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.o.PieceTimeout)
+	defer cancel()
+	u := fmt.Sprintf("http://%s%s%s/%d", net.JoinHostPort(par.GetIp(), strconv.Itoa(int(par.GetUploadPort()))),
+		piecePath, url.PathEscape(taskID), n)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := parentClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s: %s", u, resp.Status)
+	}
+	data := make([]byte, want)
+	if _, err := io.ReadFull(resp.Body, data); err != nil {
+		return nil, fmt.Errorf("%s: %w", u, err)
+	}
+	return data, nil
+}
