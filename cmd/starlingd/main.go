@@ -20,6 +20,7 @@ import (
 
 	"github.com/starling-dev/starling/internal/version"
 	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/peer"
 )
 
 // component is a part of the daemon started from the configuration; its
@@ -35,6 +36,8 @@ var components []component
 // daemon holds what components share: the health server's mux, for one.
 type daemon struct {
 	health *http.ServeMux
+	// peer is the P2P peer when it runs; the snapshotter reads layers through it.
+	peer *peer.Peer
 }
 
 func main() {

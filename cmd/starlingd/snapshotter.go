@@ -31,12 +31,17 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 		return nil, nil
 	}
 	client := registry.New(cfg.Resolver, registry.WithUserAgent("starlingd/"+version.Version))
-	layers, err := layer.NewManager(layer.Options{
+	lo := layer.Options{
 		Root:   filepath.Join(cfg.Root, "lazy"),
 		Client: client,
 		FS:     cfg.FS,
 		Logger: slog.Default(),
-	})
+	}
+	if d.peer != nil && cfg.Peer.Lazy && len(cfg.Peer.Schedulers) > 0 {
+		lo.Fetcher = p2pFetchers(d.peer, client)
+		slog.Info("lazy layers read through the P2P peer")
+	}
+	layers, err := layer.NewManager(lo)
 	if err != nil {
 		return nil, err
 	}
