@@ -391,6 +391,10 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 	for _, par := range parents {
 		id := par.GetId()
 		t.mu.Lock()
+		if t.bad[id] {
+			t.mu.Unlock()
+			continue
+		}
 		t.parentLoad[id]++
 		t.mu.Unlock()
 		_, want := piece.Range(n, t.length, t.psize)
