@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"path/filepath"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -41,9 +42,19 @@ func peerOptions(cfg config.Daemon) (peer.Options, error) {
 		Rack:              cfg.Peer.Rack,
 		Storage: storage.Options{Quota: cfg.Storage.Quota, HighWatermark: cfg.Storage.HighWatermark,
 			LowWatermark: cfg.Storage.LowWatermark, MaxAge: cfg.Storage.MaxAge},
+		// Origin fetches never go through an HTTP proxy from the
+		// environment: it may well point at this daemon's own proxy.
+		Client:     &http.Client{Transport: originTransport()},
 		Logger:     slog.Default(),
 		Registerer: prometheus.DefaultRegisterer,
 	}, nil
+}
+
+func originTransport() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.Proxy = nil
+	t.MaxIdleConnsPerHost = 32
+	return t
 }
 
 // startPeer runs the P2P peer: upload server, scheduler client and the

@@ -31,6 +31,9 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 		return nil, errors.New("open task: no task ID")
 	}
 	if d := p.join(r.TaskID); d != nil {
+		if hs, ok := d.t.src.(*httpSource); ok && r.Header.Get("Authorization") != "" {
+			hs.setHeader(r.Header)
+		}
 		return d, nil
 	}
 	src := r.Source
@@ -220,6 +223,14 @@ func (r *reader) Read(b []byte) (int, error) {
 	got, err := r.t.st.ReadAt(b[:k], r.pos)
 	r.pos += int64(got)
 	if err != nil && !errors.Is(err, io.EOF) {
+		// A task discarded after failing verification closes its file:
+		// say why, not "file already closed".
+		r.t.mu.Lock()
+		fatal := r.t.fatal
+		r.t.mu.Unlock()
+		if fatal != nil {
+			return got, fatal
+		}
 		return got, fmt.Errorf("read task %s at %d: %w", r.t.id, r.pos, err)
 	}
 	return got, nil

@@ -110,9 +110,11 @@ func TestPeersShareOneOriginFetch(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			t0 := time.Now()
 			if got := fetchAll(t, p.Peer, digest, u); got != digest {
 				t.Errorf("peer %s: digest %s", p.ID(), got)
 			}
+			t.Logf("peer %s done in %v", p.ID(), time.Since(t0))
 		}()
 	}
 	wg.Wait()

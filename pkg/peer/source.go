@@ -7,12 +7,24 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 type httpSource struct {
 	client *http.Client
 	url    string
+
+	mu     sync.Mutex
 	header http.Header
+}
+
+// setHeader replaces the headers sent to the origin: a client that comes
+// back with a fresh token (the first one expired mid-download) must not
+// keep getting 401 for the old one.
+func (s *httpSource) setHeader(h http.Header) {
+	s.mu.Lock()
+	s.header = h
+	s.mu.Unlock()
 }
 
 // HTTPSource fetches a URL with ranged GETs, sending header with every
@@ -29,6 +41,8 @@ func (s *httpSource) request(ctx context.Context, method string) (*http.Request,
 	if err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	for k, vs := range s.header {
 		for _, v := range vs {
 			req.Header.Add(k, v)

@@ -1,0 +1,300 @@
+// Package proxy is starlingd's HTTP proxy and registry mirror, compatible
+// with what Dragonfly's users configure. A request with no host in its URI
+// is a mirror request: its upstream is the X-Dragonfly-Registry header, else
+// containerd's ns query parameter, else the configured default registry. A
+// request in proxy form (an absolute URI) is for that URL. GETs whose
+// upstream URL matches a rule go through the P2P network; everything else
+// (manifests, HEAD, pushes) goes straight to the upstream.
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"regexp"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/peer"
+	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/taskid"
+)
+
+// Headers the proxy reads from clients, as Dragonfly's dfdaemon does.
+const (
+	// HeaderRegistry names the upstream of a mirror request: a URL such as
+	// https://reg.example:5000.
+	HeaderRegistry = "X-Dragonfly-Registry"
+	// HeaderTag separates tasks of the same URL (taskid.ForURL's tag).
+	HeaderTag = "X-Dragonfly-Tag"
+	// HeaderFilter lists extra volatile query parameters, separated by &.
+	HeaderFilter = "X-Dragonfly-Filter"
+	// HeaderTask is set on P2P answers: the task ID that served them.
+	HeaderTask = "X-Starling-Task"
+)
+
+// dockerHub is where containerd and Docker send docker.io's API requests.
+const dockerHub = "registry-1.docker.io"
+
+// Options configures a Proxy.
+type Options struct {
+	// Rules are regular expressions matched against the upstream URL; a GET
+	// that matches one goes through P2P. nil means config.DefaultProxy's;
+	// an empty list sends everything straight to the upstream.
+	Rules []string
+	// DefaultRegistry is the upstream URL of mirror requests that name none.
+	DefaultRegistry string
+	// Prefetch makes a Range request start the whole blob in the background.
+	Prefetch bool
+	// QueryFilters are taskid.ForURL's filters (taskid.DefaultFilters when nil).
+	QueryFilters []string
+	// Scheme returns "http" or "https" for a registry host named by an ns
+	// parameter; nil uses https, http for loopback hosts.
+	Scheme func(host string) string
+	// Transport carries direct requests; nil is http.DefaultTransport's
+	// settings without the environment's proxy (which may be this one).
+	Transport  http.RoundTripper
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// FromConfig returns the options of a proxy configured by c; a registry is
+// reached over plain HTTP when the resolver section marks it insecure, or
+// when it is on loopback (as the resolver and containerd do).
+func FromConfig(c config.Proxy, resolver registry.Config) Options {
+	return Options{
+		Rules:           c.Rules,
+		DefaultRegistry: c.DefaultRegistry,
+		Prefetch:        c.Prefetch,
+		QueryFilters:    c.QueryFilters,
+		Scheme: func(host string) string {
+			if h, ok := resolver.Host[host]; ok && h.Insecure {
+				return "http"
+			}
+			return defaultScheme(host)
+		},
+	}
+}
+
+func defaultScheme(host string) string {
+	h := host
+	if hh, _, err := net.SplitHostPort(host); err == nil {
+		h = hh
+	}
+	if h == "localhost" {
+		return "http"
+	}
+	if ip := net.ParseIP(strings.Trim(h, "[]")); ip != nil && ip.IsLoopback() {
+		return "http"
+	}
+	return "https"
+}
+
+// Proxy is the proxy and mirror; it is an http.Handler.
+type Proxy struct {
+	o       Options
+	p       *peer.Peer
+	rules   []*regexp.Regexp
+	def     *url.URL
+	log     *slog.Logger
+	m       *metrics
+	direct  *httputil.ReverseProxy
+	dialer  net.Dialer
+	filters []string
+	scheme  func(string) string
+}
+
+// New returns a proxy that sends P2P requests to p. A nil p sends
+// everything straight to the upstream.
+func New(o Options, p *peer.Peer) (*Proxy, error) {
+	d := config.DefaultProxy()
+	if o.Rules == nil {
+		o.Rules = d.Rules
+	}
+	if o.DefaultRegistry == "" {
+		o.DefaultRegistry = d.DefaultRegistry
+	}
+	if o.QueryFilters == nil {
+		o.QueryFilters = taskid.DefaultFilters
+	}
+	if o.Scheme == nil {
+		o.Scheme = defaultScheme
+	}
+	if o.Transport == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.Proxy = nil
+		o.Transport = t
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registerer == nil {
+		o.Registerer = prometheus.NewRegistry()
+	}
+	x := &Proxy{o: o, p: p, log: o.Logger.With("component", "proxy"), filters: o.QueryFilters, scheme: o.Scheme}
+	for _, r := range o.Rules {
+		re, err := regexp.Compile(r)
+		if err != nil {
+			return nil, fmt.Errorf("proxy rule %q: %w", r, err)
+		}
+		x.rules = append(x.rules, re)
+	}
+	def, err := registryURL(o.DefaultRegistry)
+	if err != nil {
+		return nil, fmt.Errorf("proxy default registry: %w", err)
+	}
+	x.def = def
+	if x.m, err = newMetrics(o.Registerer); err != nil {
+		return nil, fmt.Errorf("proxy metrics: %w", err)
+	}
+	x.direct = x.newDirect()
+	return x, nil
+}
+
+// registryURL parses an upstream given as a URL (http or https, a host, an
+// optional path prefix).
+func registryURL(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("registry URL %q: %w", s, err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("registry URL %q: want http(s)://HOST[:PORT]", s)
+	}
+	u.Path = strings.TrimSuffix(u.Path, "/")
+	u.RawPath, u.RawQuery, u.Fragment = "", "", ""
+	return u, nil
+}
+
+// errBadUpstream is a request whose upstream cannot be worked out.
+var errBadUpstream = errors.New("bad upstream")
+
+// upstream returns the URL a request is for.
+func (x *Proxy) upstream(r *http.Request) (*url.URL, error) {
+	if r.URL.Host != "" {
+		// Proxy form: the client named the URL.
+		if r.URL.Scheme != "http" && r.URL.Scheme != "https" {
+			return nil, fmt.Errorf("%w: scheme %q", errBadUpstream, r.URL.Scheme)
+		}
+		u := *r.URL
+		return &u, nil
+	}
+	q := r.URL.Query()
+	ns := q.Get("ns")
+	var base *url.URL
+	switch h := r.Header.Get(HeaderRegistry); {
+	case h != "":
+		u, err := registryURL(h)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %w", errBadUpstream, HeaderRegistry, err)
+		}
+		base = u
+	case ns != "":
+		if strings.ContainsAny(ns, "/?#@ ") {
+			return nil, fmt.Errorf("%w: ns=%q is not a registry host", errBadUpstream, ns)
+		}
+		host := ns
+		if host == "docker.io" {
+			host = dockerHub
+		}
+		base = &url.URL{Scheme: x.scheme(host), Host: host}
+	default:
+		base = x.def
+	}
+	u := *base
+	u.Path = base.Path + r.URL.Path
+	u.RawPath = ""
+	if r.URL.RawPath != "" {
+		u.RawPath = base.Path + r.URL.RawPath
+	}
+	u.RawQuery = r.URL.RawQuery
+	if q.Has("ns") {
+		// ns names the registry for this mirror; the registry itself does
+		// not know it.
+		q.Del("ns")
+		u.RawQuery = q.Encode()
+	}
+	return &u, nil
+}
+
+// p2p reports whether a request goes through the peer: a GET whose
+// upstream URL matches a rule.
+func (x *Proxy) p2p(r *http.Request, u *url.URL) bool {
+	if x.p == nil || r.Method != http.MethodGet {
+		return false
+	}
+	s := u.String()
+	for _, re := range x.rules {
+		if re.MatchString(s) {
+			return true
+		}
+	}
+	return false
+}
+
+// ServeHTTP routes a request to P2P or straight to its upstream.
+func (x *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect {
+		x.tunnel(w, r)
+		return
+	}
+	u, err := x.upstream(r)
+	if err != nil {
+		x.log.Info("proxy request refused", "method", r.Method, "uri", r.RequestURI, "status", http.StatusBadRequest, "err", err)
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	if x.p2p(r, u) {
+		x.m.requests.WithLabelValues("p2p").Inc()
+		x.serveP2P(w, r, u)
+		return
+	}
+	x.m.requests.WithLabelValues("direct").Inc()
+	x.serveDirect(w, r, u)
+}
+
+// hopHeaders are the hop-by-hop headers of RFC 9110 (and the old
+// Proxy-Connection), never forwarded.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// removeHopHeaders deletes the hop-by-hop headers and those that
+// Connection names.
+func removeHopHeaders(h http.Header) {
+	for _, v := range h.Values("Connection") {
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				h.Del(f)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		h.Del(k)
+	}
+}
+
+// logFailure logs one line for a request that did not succeed. A 401 is
+// the first half of every token handshake and a HEAD's 404 is how clients
+// ask whether something exists: those are logged at debug only.
+func (x *Proxy) logFailure(r *http.Request, path string, status int, u *url.URL, err error) {
+	lvl := slog.LevelInfo
+	switch {
+	case status == http.StatusUnauthorized, r.Method == http.MethodHead && status == http.StatusNotFound:
+		lvl = slog.LevelDebug
+	case status >= 500 || status == 0:
+		lvl = slog.LevelWarn
+	}
+	args := []any{"method", r.Method, "url", u.String(), "path", path, "status", status}
+	if err != nil {
+		args = append(args, "err", err)
+	}
+	x.log.Log(r.Context(), lvl, "proxy request failed", args...)
+}
