@@ -2,8 +2,9 @@
 # make demo: starling's main job, end to end, in temporary directories.
 # Builds a realistic image (Debian bookworm + python3, cached), pushes it to
 # a local registry, converts it to eStargz, pulls it into containerd through
-# the starling snapshotter and runs `python3 -V` while the image is still in
-# the registry, then prints how much of the image was fetched.
+# the starling snapshotter on two nodes that share a P2P network (a
+# scheduler and a seed peer), runs `python3 -V` on each while the image is
+# still in the registry, and prints who fetched what from where.
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 . "$(dirname "$0")/lib/debian-image.sh"
@@ -25,37 +26,70 @@ say "starling convert $reg/python:3 $reg/python:3-esgz"
 starling convert "$reg/python:3" "$reg/python:3-esgz"
 starling inspect "$reg/python:3-esgz"
 
-say "starting starlingd (the snapshotter) and containerd"
-metrics=127.0.0.1:$(free_port)
+say "starting starling-scheduler, a seed peer and two nodes (starlingd + containerd each)"
+sched=127.0.0.1:$(free_port)
+starling-scheduler --listen "$sched" --http 127.0.0.1:$(free_port) >"$work/scheduler.log" 2>&1 &
+on_exit "kill $!"
+wait_tcp "${sched%:*}" "${sched##*:}"
 cat >"$work/starlingd.toml" <<EOC
-# Background fetch is off so that the count below is what the container read.
+# Background fetch is off so that the counts below are what the containers read.
 [fs]
 background_fetch = false
 EOC
-starlingd --config "$work/starlingd.toml" --root "$work/starlingd" --address "$work/starlingd.sock" \
-	--metrics-listen "$metrics" --health-listen "" --peer=false >"$work/starlingd.log" 2>&1 &
+seed_metrics=127.0.0.1:$(free_port)
+starlingd --config "$work/starlingd.toml" --root "$work/seed" --snapshotter=false --role seed \
+	--scheduler "$sched" --advertise-ip 127.0.0.1 --upload-listen 127.0.0.1:$(free_port) \
+	--proxy-listen 127.0.0.1:$(free_port) --metrics-listen "$seed_metrics" --health-listen "" >"$work/seed.log" 2>&1 &
 on_exit "kill $!; sleep 1"
-for _ in $(seq 100); do [ -S "$work/starlingd.sock" ] && break; sleep 0.1; done
-start_containerd "$work/containerd" "[proxy_plugins.starling]
+# start_node N: starlingd (snapshotter and peer) and a containerd using it.
+start_node() {
+	local n=$1 dir=$work/node$1
+	mkdir -p "$dir"
+	local m=127.0.0.1:$(free_port)
+	starlingd --config "$work/starlingd.toml" --root "$dir/starlingd" --address "$dir/starlingd.sock" \
+		--scheduler "$sched" --advertise-ip 127.0.0.1 --upload-listen 127.0.0.1:$(free_port) \
+		--proxy-listen 127.0.0.1:$(free_port) --metrics-listen "$m" --health-listen "" >"$dir/starlingd.log" 2>&1 &
+	on_exit "kill $!; sleep 1"
+	for _ in $(seq 100); do [ -S "$dir/starlingd.sock" ] && break; sleep 0.1; done
+	start_containerd "$dir/containerd" "[proxy_plugins.starling]
   type = \"snapshot\"
-  address = \"$work/starlingd.sock\""
+  address = \"$dir/starlingd.sock\""
+	eval "NODE${n}_SOCK=$CTD_SOCK NODE${n}_METRICS=$m"
+}
+start_node 1
+start_node 2
 
-say "starling pull $reg/python:3-esgz (lazy: no layer is downloaded)"
-t0=$(date +%s.%N)
-starling pull --address "$CTD_SOCK" "$reg/python:3-esgz"
-say "ctr run --snapshotter starling $reg/python:3-esgz python3 -V"
-ctr --address "$CTD_SOCK" run --rm --snapshotter starling "$reg/python:3-esgz" demo python3 -V
-t1=$(date +%s.%N)
+run_on() { # N: lazy pull and run on node N
+	local sock_var=NODE$1_SOCK
+	local sock=${!sock_var}
+	say "node $1: starling pull $reg/python:3-esgz (lazy) and ctr run ... python3 -V"
+	local t0 t1
+	t0=$(date +%s.%N)
+	starling pull --address "$sock" "$reg/python:3-esgz"
+	ctr --address "$sock" run --rm --snapshotter starling "$reg/python:3-esgz" demo$1 python3 -V
+	t1=$(date +%s.%N)
+	echo "node $1: pull + run took $(python3 -c "print(f'{$t1 - $t0:.2f}')") s"
+}
+run_on 1
+run_on 2
 
-fetched=$(curl -s "http://$metrics/metrics" | awk '/^starling_fetched_bytes_total/ {printf "%d", $2}')
-requests=$(curl -s "http://$metrics/metrics" | awk '/^starling_fetch_requests_total/ {printf "%d", $2}')
+metric() { # ADDR NAME [LABEL]: sum of a metric's samples
+	curl -s "http://$1/metrics" | awk -v n="$2" -v l="${3:-}" '$1 ~ "^"n && index($1, l) {s += $2} END {printf "%d", s}'
+}
 size=$(starling inspect -o json "$reg/python:3-esgz" | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
-say "result"
-python3 - "$fetched" "$requests" "$size" "$t0" "$t1" <<'PY'
-import sys
-fetched, requests, size = map(int, sys.argv[1:4])
-t0, t1 = map(float, sys.argv[4:6])
-print(f"pull + run took {t1 - t0:.2f} s")
-print(f"fetched {fetched/1e6:.1f} MB of a {size/1e6:.1f} MB image ({100*fetched/size:.1f} %) in {requests} requests")
-PY
-grep -c 'layer mounted lazily' "$work/starlingd.log" | xargs -I{} echo "{} layers mounted lazily (see starlingd's log)"
+say "result: who fetched what (image: $((size / 1000000)) MB of layers)"
+for who in seed node1 node2; do
+	case $who in
+	seed) m=$seed_metrics ;;
+	node1) m=$NODE1_METRICS ;;
+	node2) m=$NODE2_METRICS ;;
+	esac
+	read_b=$(metric "$m" starling_fetched_bytes_total)
+	origin=$(metric "$m" starling_peer_piece_bytes_total 'source="origin"')
+	parent=$(metric "$m" starling_peer_piece_bytes_total 'source="parent"')
+	up=$(metric "$m" starling_peer_upload_bytes_total)
+	awk -v w="$who" -v r="$read_b" -v o="$origin" -v p="$parent" -v u="$up" 'BEGIN {
+		printf "%-6s container reads %6.1f MB | pieces from the registry %6.1f MB, from peers %6.1f MB | served to peers %6.1f MB\n", w, r/1e6, o/1e6, p/1e6, u/1e6 }'
+done
+echo "The registry served each piece once (to the seed); the nodes got them from peers."
+grep -c 'layer mounted lazily' "$work/node1/starlingd.log" | xargs -I{} echo "{} layers mounted lazily on node 1 (see its starlingd log)"

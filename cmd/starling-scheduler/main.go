@@ -2,16 +2,172 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 
 	"github.com/starling-dev/starling/internal/version"
+	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
+// maxMsgSize bounds one gRPC message. A full announce lists every piece a
+// peer holds (about 70 bytes each): a seed with 1 TiB in 4 MiB pieces
+// sends some 18 MiB, far over gRPC's default of 4 MiB.
+const maxMsgSize = 64 << 20
+
+// shutdownTimeout bounds a clean stop; calls are answered from memory, so
+// anything still running after this is a stuck client.
+const shutdownTimeout = 5 * time.Second
+
 func main() {
-	if len(os.Args) > 1 && (os.Args[1] == "--version" || os.Args[1] == "version") {
-		fmt.Println("starling-scheduler", version.Version)
-		return
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newCommand().ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "starling-scheduler:", err)
+		stop()
+		os.Exit(1)
 	}
-	fmt.Println("starling-scheduler", version.Version)
+}
+
+func newCommand() *cobra.Command {
+	var (
+		configPath string
+		cfg        config.Scheduler
+	)
+	cmd := &cobra.Command{
+		Use:           "starling-scheduler",
+		Short:         "starling P2P scheduler: tells peers where each piece is and who fetches it from the origin",
+		Version:       version.Version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fileCfg, err := config.LoadScheduler(configPath, cmd.Flags().Changed("config"))
+			if err != nil {
+				return err
+			}
+			// Flags override the file: apply only those the user set.
+			f := cmd.Flags()
+			set := func(name string, apply func()) {
+				if f.Changed(name) {
+					apply()
+				}
+			}
+			set("listen", func() { fileCfg.Listen = cfg.Listen })
+			set("http", func() { fileCfg.HTTPListen = cfg.HTTPListen })
+			set("log-level", func() { fileCfg.LogLevel = cfg.LogLevel })
+			if err := fileCfg.Validate(); err != nil {
+				return fmt.Errorf("configuration: %w", err)
+			}
+			return run(cmd.Context(), fileCfg)
+		},
+	}
+	cmd.SetVersionTemplate("starling-scheduler {{.Version}}\n")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "version",
+		Short: "print the version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintln(cmd.OutOrStdout(), "starling-scheduler", version.Version)
+		},
+	})
+	d := config.DefaultScheduler()
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", config.SchedulerPath, "TOML configuration file (optional)")
+	f.StringVar(&cfg.Listen, "listen", d.Listen, "gRPC address the peers use")
+	f.StringVar(&cfg.HTTPListen, "http", d.HTTPListen, "HTTP API, /metrics and health address (empty: off)")
+	f.StringVar(&cfg.LogLevel, "log-level", d.LogLevel, "log level: debug, info, warn, error")
+	return cmd
+}
+
+func run(ctx context.Context, cfg config.Scheduler) error {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		return fmt.Errorf("log level %q: %w", cfg.LogLevel, err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	slog.SetDefault(log)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	sched := scheduler.New(scheduler.Options{PeerTTL: cfg.PeerTTL, FetchTTL: cfg.FetchTTL, MaxParents: cfg.MaxParents})
+	srv, err := scheduler.NewServer(sched, scheduler.ServerOptions{Registry: reg, Logger: log})
+	if err != nil {
+		return err
+	}
+
+	gl, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("gRPC listen %s: %w", cfg.Listen, err)
+	}
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(maxMsgSize), grpc.MaxSendMsgSize(maxMsgSize))
+	srv.RegisterGRPC(g)
+	errc := make(chan error, 2)
+	go func() {
+		if err := g.Serve(gl); err != nil {
+			errc <- fmt.Errorf("gRPC server on %s: %w", gl.Addr(), err)
+		}
+	}()
+
+	var hs *http.Server
+	httpAddr := ""
+	if cfg.HTTPListen != "" {
+		hl, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			g.Stop()
+			return fmt.Errorf("HTTP listen %s: %w", cfg.HTTPListen, err)
+		}
+		httpAddr = hl.Addr().String()
+		hs = &http.Server{Handler: srv.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("HTTP server on %s: %w", hl.Addr(), err)
+			}
+		}()
+	}
+
+	gcCtx, stopGC := context.WithCancel(ctx)
+	gcDone := make(chan struct{})
+	go func() { defer close(gcDone); srv.RunGC(gcCtx, cfg.GCInterval) }()
+
+	log.Info("starling-scheduler ready", "version", version.Version, "grpc", gl.Addr().String(), "http", httpAddr,
+		"peer_ttl", cfg.PeerTTL, "fetch_ttl", cfg.FetchTTL, "max_parents", cfg.MaxParents)
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case runErr = <-errc:
+		log.Error("server failed, shutting down", "err", runErr)
+	}
+	stopGC()
+	<-gcDone
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if hs != nil {
+		if err := hs.Shutdown(sctx); err != nil {
+			log.Warn("HTTP shutdown", "err", err)
+		}
+	}
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-sctx.Done():
+		g.Stop()
+		<-stopped
+	}
+	return runErr
 }

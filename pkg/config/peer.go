@@ -18,7 +18,9 @@ type Peer struct {
 	// UploadListen serves pieces to other peers.
 	UploadListen string `toml:"upload_listen"`
 	// UploadConcurrency bounds the uploads served at once; a full peer
-	// answers 503 and the downloader asks another parent.
+	// answers 503 and the downloader asks another parent. Kept small: more
+	// uploads at once do not add bandwidth, they only make every piece
+	// arrive later, and a piece is only worth passing on once it is whole.
 	UploadConcurrency int `toml:"upload_concurrency"`
 	// UploadRateLimit bounds upload bandwidth in bytes per second (0: none).
 	UploadRateLimit int64 `toml:"upload_rate_limit"`
@@ -47,7 +49,7 @@ func DefaultPeer() Peer {
 		Enable:            true,
 		Role:              "peer",
 		UploadListen:      ":4000",
-		UploadConcurrency: 32,
+		UploadConcurrency: 8,
 		PieceSize:         4 << 20,
 		Concurrency:       8,
 		PieceTimeout:      30 * time.Second,

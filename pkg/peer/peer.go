@@ -40,6 +40,10 @@ type Peer struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// The announce loop stops before Leave, so that no heartbeat in flight
+	// brings the peer back to life at the scheduler after it left.
+	stopAnnounce context.CancelFunc
+	announceDone chan struct{}
 
 	mu    sync.Mutex
 	tasks map[string]*task
@@ -57,7 +61,7 @@ func New(o Options) (*Peer, error) {
 		o.Concurrency = 8
 	}
 	if o.UploadConcurrency <= 0 {
-		o.UploadConcurrency = 32
+		o.UploadConcurrency = 8
 	}
 	if o.AnnounceInterval <= 0 {
 		o.AnnounceInterval = time.Second
@@ -139,9 +143,13 @@ func (p *Peer) Start(ctx context.Context) error {
 		p.wg.Add(1)
 		go func() { defer p.wg.Done(); p.up.serve() }()
 	}
+	p.announceDone = make(chan struct{})
 	if p.sched != nil {
-		p.wg.Add(1)
-		go func() { defer p.wg.Done(); p.sched.announceLoop(p.ctx) }()
+		actx, cancel := context.WithCancel(p.ctx)
+		p.stopAnnounce = cancel
+		go func() { defer close(p.announceDone); p.sched.announceLoop(actx) }()
+	} else {
+		close(p.announceDone)
 	}
 	p.wg.Add(1)
 	go func() { defer p.wg.Done(); p.gcLoop(p.ctx) }()
@@ -175,6 +183,12 @@ func (p *Peer) UploadAddr() string {
 
 // Close stops the peer and tells the schedulers it is gone.
 func (p *Peer) Close() error {
+	if p.stopAnnounce != nil {
+		p.stopAnnounce()
+	}
+	if p.announceDone != nil {
+		<-p.announceDone
+	}
 	if p.sched != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		p.sched.leave(ctx)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"sort"
 	"sync"
 	"time"
@@ -383,11 +384,15 @@ func (t *task) fromOrigin(n int, reason string) error {
 // parent whose piece does not match the digest the origin fetcher
 // registered is never asked again for this task.
 func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo) (string, error) {
+	// Shuffled before the sort on our own load, so that peers given the
+	// same ranking do not all crowd the first parent.
+	rand.Shuffle(len(parents), func(i, j int) { parents[i], parents[j] = parents[j], parents[i] })
 	t.mu.Lock()
 	sort.SliceStable(parents, func(i, j int) bool {
 		return t.parentLoad[parents[i].GetId()] < t.parentLoad[parents[j].GetId()]
 	})
 	t.mu.Unlock()
+	failed := false
 	for _, par := range parents {
 		id := par.GetId()
 		t.mu.Lock()
@@ -402,7 +407,12 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 		t.mu.Lock()
 		t.parentLoad[id]--
 		t.mu.Unlock()
+		if errors.Is(err, errBusy) {
+			// Full, not broken: ask the next one, and this one again later.
+			continue
+		}
 		if err != nil {
+			failed = true
 			t.p.log.Debug("piece from parent failed", "task", t.id, "piece", n, "parent", id, "err", err)
 			t.mu.Lock()
 			t.avoid[id] = time.Now().Add(avoidFor)
@@ -411,6 +421,7 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 		}
 		sum := sha256.Sum256(data)
 		if hex.EncodeToString(sum[:]) != digest {
+			failed = true
 			t.p.m.badPieces.Inc()
 			t.p.log.Warn("parent served a bad piece: not asking it again for this task",
 				"task", t.id, "piece", n, "parent", id, "addr", fmt.Sprintf("%s:%d", par.GetIp(), par.GetUploadPort()))
@@ -426,6 +437,9 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 		t.p.m.pieceBytes.WithLabelValues("parent").Add(float64(len(data)))
 		t.report(n, digest)
 		return id, nil
+	}
+	if !failed {
+		return "", errBusy
 	}
 	t.mu.Lock()
 	t.rounds[n]++
@@ -481,6 +495,8 @@ func (t *task) pieceDone(n int, err error, parent string) {
 			t.parentOf[n] = parent
 		}
 	case errors.Is(err, errRetry):
+	case errors.Is(err, errBusy):
+		t.waitUntil[n] = time.Now().Add(waitBackoff / 2)
 	default:
 		if t.p.ctx.Err() == nil {
 			t.p.log.Warn("piece failed", "task", t.id, "piece", n, "err", err)

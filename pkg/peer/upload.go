@@ -129,6 +129,9 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// errBusy is a parent's answer when all its upload slots are taken.
+var errBusy = errors.New("parent busy")
+
 // parentClient fetches pieces from other peers; it never goes through an
 // HTTP proxy from the environment, peers talk directly.
 var parentClient = &http.Client{Transport: &http.Transport{
@@ -153,6 +156,9 @@ func (p *Peer) fetchPiece(ctx context.Context, par *schedulerpb.PeerInfo, taskID
 		return nil, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		return nil, errBusy
+	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("%s: %s", u, resp.Status)
 	}

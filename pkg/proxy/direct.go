@@ -25,7 +25,7 @@ func (x *Proxy) newDirect() *httputil.ReverseProxy {
 			pr.Out.URL = &out
 			// The Host header names the upstream, not this proxy.
 			pr.Out.Host = ""
-			for _, h := range []string{HeaderRegistry, HeaderTag, HeaderFilter} {
+			for _, h := range []string{HeaderRegistry, HeaderTag, HeaderFilter, HeaderUseP2P} {
 				pr.Out.Header.Del(h)
 			}
 			// Authorization stays: the client's token is for the upstream.

@@ -226,7 +226,7 @@ func originHeader(in http.Header) http.Header {
 		// encoding of the blob.
 		"Accept-Encoding",
 		"Content-Length", "Expect",
-		HeaderRegistry, HeaderTag, HeaderFilter,
+		HeaderRegistry, HeaderTag, HeaderFilter, HeaderUseP2P,
 	} {
 		h.Del(k)
 	}

@@ -33,6 +33,8 @@ const (
 	HeaderRegistry = "X-Dragonfly-Registry"
 	// HeaderTag separates tasks of the same URL (taskid.ForURL's tag).
 	HeaderTag = "X-Dragonfly-Tag"
+	// HeaderUseP2P set to "true" sends a GET through P2P whatever the rules say.
+	HeaderUseP2P = "X-Dragonfly-Use-P2P"
 	// HeaderFilter lists extra volatile query parameters, separated by &.
 	HeaderFilter = "X-Dragonfly-Filter"
 	// HeaderTask is set on P2P answers: the task ID that served them.
@@ -228,6 +230,9 @@ func (x *Proxy) upstream(r *http.Request) (*url.URL, error) {
 func (x *Proxy) p2p(r *http.Request, u *url.URL) bool {
 	if x.p == nil || r.Method != http.MethodGet {
 		return false
+	}
+	if r.Header.Get(HeaderUseP2P) == "true" {
+		return true
 	}
 	s := u.String()
 	for _, re := range x.rules {

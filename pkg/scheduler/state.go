@@ -11,6 +11,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"github.com/starling-dev/starling/pkg/piece"
 )
 
 // Peer is what a peer announces of itself.
@@ -34,7 +36,8 @@ type Assignment struct {
 	Parents []Peer
 	// BackToSource: this peer fetches the piece from the origin.
 	BackToSource bool
-	// Wait: another peer is fetching it from the origin; ask again shortly.
+	// Wait: another peer is fetching it from the origin, or every holder
+	// is busy; ask again shortly.
 	Wait bool
 }
 
@@ -45,29 +48,93 @@ type Options struct {
 	// FetchTTL: an origin fetch not reported done within this long is
 	// given to another peer.
 	FetchTTL time.Duration
+	// SeedStartTTL bounds a claim handed to a seed that has not started
+	// the task yet (not registered or scheduled it): a seed that cannot
+	// fetch it (origin unreachable from there, work lost) holds the others
+	// back this long, not FetchTTL.
+	SeedStartTTL time.Duration
 	// MaxParents is how many parents are returned per piece.
 	MaxParents int
 	Now        func() time.Time
 }
 
+// Work asks a seed peer to download a task.
+type Work struct {
+	TaskID string
+	URL    string
+	Header map[string][]string
+	Digest string
+}
+
+// HeldTask is what a peer holds of one task, as listed in a full announce.
+type HeldTask struct {
+	TaskID    string
+	Length    int64
+	PieceSize int64
+	// Pieces maps piece numbers to their lowercase hex sha256.
+	Pieces map[int]string
+}
+
+// TaskStatus is how far a task has spread among the live peers.
+type TaskStatus struct {
+	TaskID    string `json:"task_id"`
+	Length    int64  `json:"length"`
+	PieceSize int64  `json:"piece_size"`
+	Pieces    int    `json:"pieces"`
+	// Complete counts live peers holding every piece; SeedsComplete the seeds among them.
+	Complete      int `json:"complete"`
+	SeedsComplete int `json:"seeds_complete"`
+	// Fetched counts the pieces at least one live peer holds.
+	Fetched int `json:"fetched"`
+}
+
+// offerTTL is how long offering a parent counts against its free upload
+// slots: about the time a piece takes between peers, and the default
+// announce interval, after which the parent's reported Load includes the
+// upload (or it is over). Counting an upload twice meanwhile (offered and
+// in Load) errs on the side of a short wait rather than a refused upload.
+const offerTTL = time.Second
+
 type peerState struct {
 	Peer
 	lastSeen time.Time
+	// offered counts the uploads handed to this parent since offeredAt
+	// that its last reported Load does not include yet. Without them every
+	// requester between two announces sees the same free slots, and a
+	// parent that alone holds a new piece is offered to more peers than it
+	// serves; those it refuses go to the origin.
+	offered   int
+	offeredAt time.Time
 }
 
 type pieceState struct {
-	digest   string
-	holders  map[string]bool
+	digest  string
+	holders map[string]bool
+	// fetcher holds the piece's origin fetch until deadline; it may be a
+	// seed the fetch was handed to rather than the peer that asked.
 	fetcher  string
 	deadline time.Time
+	// lapsed are peers whose claim on this piece ran out while they were
+	// alive (stuck): the piece is not handed to them again.
+	lapsed map[string]bool
 }
 
 type taskState struct {
 	length    int64
 	pieceSize int64
-	pieces    map[int]*pieceState
-	bad       map[string]map[string]bool // requester -> parents it refuses
-	members   map[string]bool            // peers downloading or holding the task
+	// work is how to fetch the task, as last registered: the latest
+	// headers, because authorization tokens expire.
+	work    Work
+	pieces  map[int]*pieceState
+	held    map[string]int             // peer -> pieces it holds
+	bad     map[string]map[string]bool // requester -> parents it refuses
+	members map[string]bool            // peers downloading or holding the task
+	// seedWork are the seeds asked to download the whole task: only they
+	// are handed origin fetches for others, since a seed that merely read
+	// a few pieces would leave the others waiting for nothing.
+	seedWork map[string]bool
+	// seedStarted are the seeds that registered or scheduled the task themselves.
+	seedStarted map[string]bool
 }
 
 // Scheduler is the in-memory state. It is safe for concurrent use.
@@ -80,14 +147,6 @@ type Scheduler struct {
 	work map[string][]Work
 }
 
-// Work asks a seed peer to download a task.
-type Work struct {
-	TaskID string
-	URL    string
-	Header map[string][]string
-	Digest string
-}
-
 // New returns an empty Scheduler.
 func New(o Options) *Scheduler {
 	if o.PeerTTL <= 0 {
@@ -95,6 +154,9 @@ func New(o Options) *Scheduler {
 	}
 	if o.FetchTTL <= 0 {
 		o.FetchTTL = 30 * time.Second
+	}
+	if o.SeedStartTTL <= 0 {
+		o.SeedStartTTL = 10 * time.Second
 	}
 	if o.MaxParents <= 0 {
 		o.MaxParents = 4
@@ -105,25 +167,138 @@ func New(o Options) *Scheduler {
 	return &Scheduler{o: o, peers: map[string]*peerState{}, tasks: map[string]*taskState{}, work: map[string][]Work{}}
 }
 
-// Announce records or refreshes a peer (it is also the heartbeat).
-func (s *Scheduler) Announce(p Peer) {
+// Announce records or refreshes a peer (it is also the heartbeat). known
+// is false when the scheduler had no record of the peer (it restarted, or
+// purged the peer): the peer should then announce its holdings in full.
+func (s *Scheduler) Announce(p Peer) (known bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.peers[p.ID] = &peerState{Peer: p, lastSeen: s.o.Now()}
+	return s.announceLocked(p)
 }
 
-// Leave forgets a peer and everything it held.
+func (s *Scheduler) announceLocked(p Peer) bool {
+	old, known := s.peers[p.ID]
+	ps := &peerState{Peer: p, lastSeen: s.o.Now()}
+	if known {
+		// Recent offers stay counted: the requests may not have reached
+		// the parent when it measured its load.
+		ps.offered, ps.offeredAt = old.offered, old.offeredAt
+	}
+	s.peers[p.ID] = ps
+	return known
+}
+
+// AnnounceFull is Announce with everything the peer holds: its holdings
+// are replaced by held. Claims on origin fetches stay, since a full
+// announce also follows a failed report while the peer keeps fetching.
+func (s *Scheduler) AnnounceFull(p Peer, held []HeldTask) (known bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	known = s.announceLocked(p)
+	for _, t := range s.tasks {
+		if t.held[p.ID] == 0 {
+			continue
+		}
+		for _, ps := range t.pieces {
+			delete(ps.holders, p.ID)
+		}
+		delete(t.held, p.ID)
+	}
+	for _, h := range held {
+		t := s.task(h.TaskID, h.Length, h.PieceSize)
+		if !t.sizeMatches(h.Length, h.PieceSize) {
+			continue
+		}
+		t.members[p.ID] = true
+		for n, d := range h.Pieces {
+			t.addHolder(n, p.ID, d)
+		}
+	}
+	return known
+}
+
+// Leave forgets a peer and everything it held. Tasks a seed was asked to
+// fetch move to another seed.
 func (s *Scheduler) Leave(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.peers, id)
-	for _, t := range s.tasks {
-		delete(t.members, id)
-		for _, p := range t.pieces {
-			delete(p.holders, id)
-			if p.fetcher == id {
-				p.fetcher = ""
+	s.dropLocked(id)
+}
+
+// GC purges the peers not heard from for PeerTTL (Schedule already ignores
+// them) and the tasks nobody takes part in any more. Tasks a purged seed
+// was asked to fetch move to another seed.
+func (s *Scheduler) GC() (peers, tasks int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.o.Now()
+	for id, p := range s.peers {
+		if now.Sub(p.lastSeen) > s.o.PeerTTL {
+			s.dropLocked(id)
+			peers++
+		}
+	}
+	for id, t := range s.tasks {
+		// Also sweeps peers that reported or asked but never announced.
+		for _, set := range []map[string]bool{t.members, t.seedWork} {
+			for pid := range set {
+				if s.peers[pid] == nil {
+					t.forget(pid)
+				}
 			}
+		}
+		for pid := range t.held {
+			if s.peers[pid] == nil {
+				t.forget(pid)
+			}
+		}
+		if len(t.members) == 0 && len(t.held) == 0 {
+			delete(s.tasks, id)
+			tasks++
+		}
+	}
+	return peers, tasks
+}
+
+// dropLocked forgets a peer. A seed's tasks, queued or started, go to
+// another live seed unless one already works on them or holds them, so a
+// preheat survives the death of its seed.
+func (s *Scheduler) dropLocked(id string) {
+	queued := map[string]Work{}
+	for _, w := range s.work[id] {
+		queued[w.TaskID] = w
+	}
+	delete(s.peers, id)
+	delete(s.work, id)
+	for tid, t := range s.tasks {
+		had := t.seedWork[id]
+		t.forget(id)
+		if !had {
+			continue
+		}
+		w, ok := queued[tid]
+		if !ok {
+			w = t.work
+			w.TaskID = tid
+		}
+		if w.URL != "" && !s.seedOnLocked(t) {
+			s.enqueueLocked(w)
+		}
+	}
+}
+
+// forget removes a peer from a task.
+func (t *taskState) forget(id string) {
+	delete(t.members, id)
+	delete(t.held, id)
+	delete(t.bad, id)
+	delete(t.seedWork, id)
+	delete(t.seedStarted, id)
+	for _, p := range t.pieces {
+		delete(p.holders, id)
+		delete(p.lapsed, id)
+		if p.fetcher == id {
+			p.fetcher = ""
 		}
 	}
 }
@@ -133,16 +308,41 @@ func (s *Scheduler) alive(id string) bool {
 	return ok && s.o.Now().Sub(p.lastSeen) <= s.o.PeerTTL
 }
 
+// stale reports a known peer that stopped heartbeating. A peer the
+// scheduler does not know yet (it asked before its first announce after a
+// restart) is not stale: its claims run until their deadline.
+func (s *Scheduler) stale(id string) bool {
+	p, ok := s.peers[id]
+	return ok && s.o.Now().Sub(p.lastSeen) > s.o.PeerTTL
+}
+
 func (s *Scheduler) task(id string, length, pieceSize int64) *taskState {
 	t, ok := s.tasks[id]
 	if !ok {
-		t = &taskState{pieces: map[int]*pieceState{}, bad: map[string]map[string]bool{}, members: map[string]bool{}}
+		t = &taskState{pieces: map[int]*pieceState{}, held: map[string]int{}, bad: map[string]map[string]bool{},
+			members: map[string]bool{}, seedWork: map[string]bool{}, seedStarted: map[string]bool{}}
 		s.tasks[id] = t
 	}
-	if length > 0 && t.length == 0 {
+	if length > 0 && pieceSize > 0 && t.length == 0 {
 		t.length, t.pieceSize = length, pieceSize
 	}
 	return t
+}
+
+// sizeMatches reports whether a peer that cut the task into length and
+// pieceSize holds the same pieces as everyone else (0 is unknown).
+func (t *taskState) sizeMatches(length, pieceSize int64) bool {
+	if t.length == 0 || length == 0 {
+		return true
+	}
+	return t.length == length && t.pieceSize == pieceSize
+}
+
+func (t *taskState) count() int {
+	if t.pieceSize <= 0 {
+		return 0
+	}
+	return piece.Count(t.length, t.pieceSize)
 }
 
 func (t *taskState) piece(n int) *pieceState {
@@ -154,23 +354,50 @@ func (t *taskState) piece(n int) *pieceState {
 	return p
 }
 
-// ReportPiece records that peer holds piece n of a task, with its digest.
-// The first digest reported for a piece is the one every receiver checks.
-func (s *Scheduler) ReportPiece(peerID, taskID string, n int, digest string, length, pieceSize int64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	t := s.task(taskID, length, pieceSize)
-	t.members[peerID] = true
+// addHolder records that id holds piece n. The first digest reported for a
+// piece is the one every receiver checks; a peer holding other bytes is
+// not a holder.
+func (t *taskState) addHolder(n int, id, digest string) {
+	if digest == "" || n < 0 || (t.length > 0 && n >= t.count()) {
+		return
+	}
 	p := t.piece(n)
 	if p.digest == "" {
 		p.digest = digest
 	} else if p.digest != digest {
-		// A peer holding other bytes is not a holder.
 		return
 	}
-	p.holders[peerID] = true
-	if p.fetcher == peerID {
+	if !p.holders[id] {
+		p.holders[id] = true
+		t.held[id]++
+		if t.seedWork[id] && t.length > 0 && t.held[id] >= t.count() {
+			// Done: nothing left to hand over should this seed die.
+			delete(t.seedWork, id)
+		}
+	}
+	if p.fetcher == id {
 		p.fetcher = ""
+	}
+}
+
+// ReportPiece records that peer holds piece n of a task, with its digest.
+func (s *Scheduler) ReportPiece(peerID, taskID string, n int, digest string, length, pieceSize int64) {
+	s.ReportPieces(peerID, taskID, length, pieceSize, map[int]string{n: digest})
+}
+
+// ReportPieces records that peer holds pieces of a task (number -> digest).
+// A peer that cut the task differently from the first registration holds
+// different pieces and is ignored.
+func (s *Scheduler) ReportPieces(peerID, taskID string, length, pieceSize int64, pieces map[int]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.task(taskID, length, pieceSize)
+	if !t.sizeMatches(length, pieceSize) {
+		return
+	}
+	t.members[peerID] = true
+	for n, d := range pieces {
+		t.addHolder(n, peerID, d)
 	}
 }
 
@@ -196,6 +423,50 @@ func (s *Scheduler) Task(taskID string) (length, pieceSize int64, ok bool) {
 	return t.length, t.pieceSize, true
 }
 
+// RegisterTask records that a peer starts a task and how to fetch it. The
+// first registration with a size fixes the task's length and piece size,
+// which are returned. When a plain peer starts a task no live seed works
+// on, the task is queued for a seed (returned), so the seed fetches it
+// from the origin and the plain peers wait for its pieces.
+func (s *Scheduler) RegisterTask(peerID string, w Work, length, pieceSize int64) (l, ps int64, seed string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.task(w.TaskID, length, pieceSize)
+	t.members[peerID] = true
+	if w.URL != "" {
+		t.work = w
+	}
+	l, ps = t.length, t.pieceSize
+	r := s.peers[peerID]
+	if r != nil && r.Seed {
+		t.seedStarted[peerID] = true
+		return l, ps, ""
+	}
+	if w.URL == "" || s.seedOnLocked(t) {
+		return l, ps, ""
+	}
+	seed, _ = s.enqueueLocked(w)
+	return l, ps, seed
+}
+
+// seedOnLocked reports whether a live seed was asked to fetch the task or
+// already holds all of it.
+func (s *Scheduler) seedOnLocked(t *taskState) bool {
+	for id := range t.seedWork {
+		if p := s.peers[id]; p != nil && p.Seed && s.alive(id) {
+			return true
+		}
+	}
+	if n := t.count(); n > 0 {
+		for id, h := range t.held {
+			if p := s.peers[id]; p != nil && p.Seed && h >= n && s.alive(id) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Schedule answers a peer that lacks pieces of a task.
 func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 	s.mu.Lock()
@@ -204,66 +475,104 @@ func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 	t := s.task(taskID, 0, 0)
 	t.members[peerID] = true
 	req := s.peers[peerID]
-	seedFetcher := s.seedFor(t, peerID)
+	if req != nil && req.Seed {
+		t.seedStarted[peerID] = true
+	}
 	out := make([]Assignment, 0, len(pieces))
 	for _, n := range pieces {
 		p := t.piece(n)
 		a := Assignment{Piece: n, Digest: p.digest}
-		a.Parents = s.rank(t, p, peerID, req)
-		if len(a.Parents) > 0 {
-			out = append(out, a)
-			continue
-		}
-		fetching := p.fetcher != "" && s.alive(p.fetcher) && now.Before(p.deadline)
+		var busy bool
+		a.Parents, busy = s.rank(t, p, peerID, req)
 		switch {
-		case fetching && p.fetcher != peerID:
-			a.Wait = true
-		case seedFetcher != "" && seedFetcher != peerID:
-			// A seed of this task fetches it; the others wait for it.
+		case len(a.Parents) > 0:
+		case busy:
+			// Holders exist but are full now: another origin fetch
+			// would cost the origin what a short wait does not.
 			a.Wait = true
 		default:
-			p.fetcher, p.deadline = peerID, now.Add(s.o.FetchTTL)
-			a.BackToSource = true
+			a.BackToSource = s.claim(t, p, peerID, now)
+			a.Wait = !a.BackToSource
 		}
 		out = append(out, a)
 	}
 	return out
 }
 
-// seedFor returns a live seed peer that takes part in the task, if any.
-func (s *Scheduler) seedFor(t *taskState, requester string) string {
+// claim decides who fetches a piece nobody holds from the origin: the
+// peer holding a running claim, else a seed working on the task, else the
+// requester. It reports whether the requester is the one. At most one
+// peer holds a claim, and a claim ends when its holder reports the piece,
+// dies, leaves or lets FetchTTL pass.
+func (s *Scheduler) claim(t *taskState, p *pieceState, requester string, now time.Time) bool {
+	if p.fetcher != "" {
+		running := now.Before(p.deadline) && !s.stale(p.fetcher)
+		switch {
+		case running && p.fetcher == requester:
+			// Asking again is fetching again (a retry, or the seed
+			// starting a fetch it was handed): the clock restarts.
+			p.deadline = now.Add(s.o.FetchTTL)
+			return true
+		case running:
+			return false
+		case !s.stale(p.fetcher):
+			if p.lapsed == nil {
+				p.lapsed = map[string]bool{}
+			}
+			p.lapsed[p.fetcher] = true
+		}
+		p.fetcher = ""
+	}
+	p.fetcher, p.deadline = s.seedFor(t, p, requester), now.Add(s.o.FetchTTL)
+	if p.fetcher != requester && !t.seedStarted[p.fetcher] {
+		p.deadline = now.Add(min(s.o.FetchTTL, s.o.SeedStartTTL))
+	}
+	return p.fetcher == requester
+}
+
+// seedFor returns who fetches a piece from the origin: the requester when
+// it is a seed, else a live seed asked to fetch the whole task (that has
+// not let this piece lapse), else the requester.
+func (s *Scheduler) seedFor(t *taskState, p *pieceState, requester string) string {
 	if r, ok := s.peers[requester]; ok && r.Seed {
 		return requester
 	}
 	var ids []string
-	for id := range t.members {
-		if p, ok := s.peers[id]; ok && p.Seed && s.alive(id) {
+	for id := range t.seedWork {
+		if ps, ok := s.peers[id]; ok && ps.Seed && s.alive(id) && !p.lapsed[id] {
 			ids = append(ids, id)
 		}
 	}
 	if len(ids) == 0 {
-		return ""
+		return requester
 	}
 	sort.Strings(ids)
 	return ids[0]
 }
 
 // rank lists the live holders of a piece the requester has not refused,
-// best first: most free upload slots, then nearest (same rack, same zone),
-// then holding most of the task.
-func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *peerState) []Peer {
+// best first: most free upload slots (counting recent offers), then
+// nearest (same rack, same zone), then holding most of the task. busy
+// reports holders that exist but have no free slot now.
+func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *peerState) (_ []Peer, busy bool) {
 	type cand struct {
 		Peer
 		free, near, held int
 	}
+	now := s.o.Now()
 	var cs []cand
 	for id := range p.holders {
 		if id == requester || t.bad[requester][id] || !s.alive(id) {
 			continue
 		}
 		ps := s.peers[id]
-		c := cand{Peer: ps.Peer, free: ps.Capacity - ps.Load}
+		if now.Sub(ps.offeredAt) > offerTTL {
+			ps.offered = 0
+		}
+		c := cand{Peer: ps.Peer, free: ps.Capacity - ps.Load - ps.offered, held: t.held[id]}
 		if c.free <= 0 {
+			// Capacity 0 is a peer that serves nobody, not a busy one.
+			busy = busy || ps.Capacity > 0
 			continue
 		}
 		if req != nil {
@@ -272,11 +581,6 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 				if req.Rack != "" && req.Rack == ps.Rack {
 					c.near++
 				}
-			}
-		}
-		for _, q := range t.pieces {
-			if q.holders[id] {
-				c.held++
 			}
 		}
 		cs = append(cs, c)
@@ -297,11 +601,19 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 	if len(cs) > s.o.MaxParents {
 		cs = cs[:s.o.MaxParents]
 	}
+	if len(cs) > 0 {
+		// The requester starts with one parent; charge the likeliest.
+		if ps := s.peers[cs[0].ID]; ps.offered == 0 {
+			ps.offered, ps.offeredAt = 1, now
+		} else {
+			ps.offered++
+		}
+	}
 	out := make([]Peer, len(cs))
 	for i, c := range cs {
 		out[i] = c.Peer
 	}
-	return out
+	return out, busy
 }
 
 // Enqueue asks one live seed peer (rendezvous of the task ID over the
@@ -309,6 +621,14 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 func (s *Scheduler) Enqueue(w Work) (string, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.enqueueLocked(w)
+}
+
+func (s *Scheduler) enqueueLocked(w Work) (string, bool) {
+	t := s.task(w.TaskID, 0, 0)
+	if w.URL != "" {
+		t.work = w
+	}
 	best, bestScore := "", uint64(0)
 	for id, p := range s.peers {
 		if !p.Seed || !s.alive(id) {
@@ -321,8 +641,15 @@ func (s *Scheduler) Enqueue(w Work) (string, bool) {
 	if best == "" {
 		return "", false
 	}
+	t.members[best] = true
+	t.seedWork[best] = true
+	for i, q := range s.work[best] {
+		if q.TaskID == w.TaskID {
+			s.work[best][i] = w // fresher headers
+			return best, true
+		}
+	}
 	s.work[best] = append(s.work[best], w)
-	s.task(w.TaskID, 0, 0).members[best] = true
 	return best, true
 }
 
@@ -335,27 +662,62 @@ func (s *Scheduler) TakeWork(seedID string) []Work {
 	return w
 }
 
-// Holders counts the live peers holding every piece of a task (for preheat progress).
-func (s *Scheduler) Holders(taskID string) (complete, pieces int) {
+// TaskStatus reports how far a task has spread among the live peers; ok
+// is false for a task the scheduler does not know.
+func (s *Scheduler) TaskStatus(taskID string) (TaskStatus, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	st := TaskStatus{TaskID: taskID}
 	t, ok := s.tasks[taskID]
-	if !ok || t.length == 0 {
-		return 0, 0
+	if !ok {
+		return st, false
 	}
-	n := int((t.length + t.pieceSize - 1) / t.pieceSize)
+	st.Length, st.PieceSize, st.Pieces = t.length, t.pieceSize, t.count()
 	counts := map[string]int{}
-	for i := 0; i < n; i++ {
-		if p, ok := t.pieces[i]; ok {
-			for id := range p.holders {
+	for i := 0; i < st.Pieces; i++ {
+		p, ok := t.pieces[i]
+		if !ok {
+			continue
+		}
+		fetched := false
+		for id := range p.holders {
+			if s.alive(id) {
 				counts[id]++
+				fetched = true
+			}
+		}
+		if fetched {
+			st.Fetched++
+		}
+	}
+	for id, c := range counts {
+		if c == st.Pieces {
+			st.Complete++
+			if s.peers[id].Seed {
+				st.SeedsComplete++
 			}
 		}
 	}
-	for _, c := range counts {
-		if c == n {
-			complete++
+	return st, true
+}
+
+// Holders counts the live peers holding every piece of a task (for preheat progress).
+func (s *Scheduler) Holders(taskID string) (complete, pieces int) {
+	st, _ := s.TaskStatus(taskID)
+	return st.Complete, st.Pieces
+}
+
+// Stats counts the live peers, the live seeds among them, and the tasks known.
+func (s *Scheduler) Stats() (peers, seeds, tasks int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, p := range s.peers {
+		if s.alive(id) {
+			peers++
+			if p.Seed {
+				seeds++
+			}
 		}
 	}
-	return complete, n
+	return peers, seeds, len(s.tasks)
 }

@@ -119,3 +119,369 @@ func TestRendezvous(t *testing.T) {
 		t.Fatalf("%d keys moved that were not on the removed node", moved)
 	}
 }
+
+// clock is a settable time for tests of TTLs.
+type clock struct{ now time.Time }
+
+func (c *clock) Now() time.Time      { return c.now }
+func (c *clock) add(d time.Duration) { c.now = c.now.Add(d) }
+func newClock() *clock               { return &clock{now: time.Unix(1000, 0)} }
+func ttlOptions(c *clock) Options {
+	return Options{PeerTTL: 10 * time.Second, FetchTTL: time.Minute, Now: c.Now}
+}
+func answer(a Assignment) string {
+	switch {
+	case len(a.Parents) > 0:
+		ids := ""
+		for _, p := range a.Parents {
+			ids += "," + p.ID
+		}
+		return "parents" + ids
+	case a.BackToSource:
+		return "origin"
+	case a.Wait:
+		return "wait"
+	}
+	return "nothing"
+}
+
+func sched1(s *Scheduler, peer, task string, n int) string {
+	return answer(s.Schedule(peer, task, []int{n})[0])
+}
+
+func TestSeedClaimLapsesAfterFetchTTL(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	heartbeat := func() {
+		s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+		s.Announce(Peer{ID: "a", Capacity: 4})
+		s.Announce(Peer{ID: "b", Capacity: 4})
+	}
+	heartbeat()
+	s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
+	s.RegisterTask("seed", Work{TaskID: "t", URL: "http://origin/t"}, 10, 4) // the seed starts the task
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a while the seed is handed the piece: %s", got)
+	}
+	c.add(59 * time.Second)
+	heartbeat()
+	if got := sched1(s, "b", "t", 0); got != "wait" {
+		t.Fatalf("b before the seed's claim ran out: %s", got)
+	}
+	c.add(2 * time.Second) // the seed is alive but never fetched the piece
+	heartbeat()
+	if got := sched1(s, "b", "t", 0); got != "origin" {
+		t.Fatalf("b after the stuck seed's claim ran out: %s", got)
+	}
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a while b fetches: %s", got)
+	}
+	if got := sched1(s, "seed", "t", 0); got != "wait" {
+		t.Fatalf("the seed while b fetches: %s", got)
+	}
+	// Another piece still goes to the seed: only piece 0 lapsed.
+	if got := sched1(s, "a", "t", 1); got != "wait" {
+		t.Fatalf("a for piece 1: %s", got)
+	}
+	if got := sched1(s, "seed", "t", 1); got != "origin" {
+		t.Fatalf("the seed for the piece handed to it: %s", got)
+	}
+}
+
+func TestDeadSeedLosesPiece(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a: %s", got)
+	}
+	c.add(11 * time.Second) // the seed stopped heartbeating
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	if got := sched1(s, "a", "t", 0); got != "origin" {
+		t.Fatalf("a after the seed died: %s", got)
+	}
+}
+
+func TestSeedStartingRenewsItsClaim(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	heartbeat := func() {
+		s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+		s.Announce(Peer{ID: "a", Capacity: 4})
+	}
+	heartbeat()
+	s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
+	s.RegisterTask("seed", Work{TaskID: "t", URL: "http://origin/t"}, 10, 4)
+	sched1(s, "a", "t", 0) // hands piece 0 to the seed
+	c.add(50 * time.Second)
+	heartbeat()
+	if got := sched1(s, "seed", "t", 0); got != "origin" {
+		t.Fatalf("the seed starting its piece: %s", got)
+	}
+	c.add(20 * time.Second) // past the first deadline, within the renewed one
+	heartbeat()
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a while the seed fetches: %s", got)
+	}
+}
+
+func TestRegisterTask(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	w := Work{TaskID: "t", URL: "http://origin/t", Header: map[string][]string{"Authorization": {"Bearer x"}}, Digest: "sha256:00"}
+
+	// No seed: nothing queued, the plain peer fetches.
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	if l, ps, seed := s.RegisterTask("a", w, 10, 4); l != 10 || ps != 4 || seed != "" {
+		t.Fatalf("register without a seed: %d %d %q", l, ps, seed)
+	}
+	if l, ps, _ := s.RegisterTask("a", w, 20, 8); l != 10 || ps != 4 {
+		t.Fatalf("the first size did not win: %d %d", l, ps)
+	}
+
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+	// A seed's own registration queues nothing for seeds.
+	if _, _, seed := s.RegisterTask("seed", Work{TaskID: "u", URL: "http://origin/u"}, 10, 4); seed != "" {
+		t.Fatalf("a seed's registration was queued for %q", seed)
+	}
+	if _, _, seed := s.RegisterTask("a", w, 10, 4); seed != "seed" {
+		t.Fatalf("a plain peer's registration was queued for %q", seed)
+	}
+	if _, _, seed := s.RegisterTask("b", w, 10, 4); seed != "" {
+		t.Fatalf("queued a second time, for %q", seed)
+	}
+	work := s.TakeWork("seed")
+	if len(work) != 1 || work[0].URL != w.URL || work[0].Header["Authorization"][0] != "Bearer x" || work[0].Digest != w.Digest {
+		t.Fatalf("seed work %+v", work)
+	}
+	if got := sched1(s, "b", "t", 1); got != "wait" {
+		t.Fatalf("b while the seed fetches: %s", got)
+	}
+
+	// The seed dies before fetching: the next registration goes to another seed.
+	c.add(11 * time.Second)
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.Announce(Peer{ID: "seed2", Seed: true, Capacity: 8})
+	if _, _, seed := s.RegisterTask("a", w, 10, 4); seed != "seed2" {
+		t.Fatalf("after the seed died, queued for %q", seed)
+	}
+}
+
+func TestAnnounceKnownAndFull(t *testing.T) {
+	s := New(Options{})
+	if s.Announce(Peer{ID: "a", Capacity: 4}) {
+		t.Fatal("a new peer was known")
+	}
+	if !s.Announce(Peer{ID: "a", Capacity: 4}) {
+		t.Fatal("an announced peer was not known")
+	}
+	s.Announce(Peer{ID: "b", Capacity: 4})
+	s.ReportPieces("a", "t1", 8, 4, map[int]string{0: "d0", 1: "d1"})
+	s.ReportPiece("b", "t2", 0, "e0", 4, 4)
+	// a restarted with only piece 1 of t1 and another digest for t2's piece 0.
+	if !s.AnnounceFull(Peer{ID: "a", Capacity: 4}, []HeldTask{
+		{TaskID: "t1", Length: 8, PieceSize: 4, Pieces: map[int]string{1: "d1"}},
+		{TaskID: "t2", Length: 4, PieceSize: 4, Pieces: map[int]string{0: "other"}},
+		{TaskID: "t3", Length: 4, PieceSize: 4, Pieces: map[int]string{0: "f0"}},
+	}) {
+		t.Fatal("a full announce of a known peer said unknown")
+	}
+	s.Announce(Peer{ID: "c", Capacity: 4})
+	got := []string{sched1(s, "c", "t1", 0), sched1(s, "c", "t1", 1), sched1(s, "c", "t2", 0), sched1(s, "c", "t3", 0)}
+	want := []string{"origin", "parents,a", "parents,b", "parents,a"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after a full announce: %v, want %v", got, want)
+	}
+}
+
+func TestTaskStatus(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	if _, ok := s.TaskStatus("t"); ok {
+		t.Fatal("an unknown task has a status")
+	}
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.Announce(Peer{ID: "gone", Capacity: 4})
+	s.ReportPieces("gone", "t", 10, 4, map[int]string{0: "d0", 1: "d1", 2: "d2"})
+	c.add(11 * time.Second)
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.ReportPieces("seed", "t", 10, 4, map[int]string{0: "d0", 1: "d1", 2: "d2"})
+	s.ReportPieces("a", "t", 10, 4, map[int]string{0: "d0", 1: "d1"})
+	st, ok := s.TaskStatus("t")
+	want := TaskStatus{TaskID: "t", Length: 10, PieceSize: 4, Pieces: 3, Complete: 1, SeedsComplete: 1, Fetched: 3}
+	if !ok || st != want {
+		t.Fatalf("status %+v, want %+v", st, want)
+	}
+	s.ReportPiece("a", "t", 2, "d2", 10, 4)
+	if st, _ := s.TaskStatus("t"); st.Complete != 2 || st.SeedsComplete != 1 {
+		t.Fatalf("status %+v", st)
+	}
+	if complete, pieces := s.Holders("t"); complete != 2 || pieces != 3 {
+		t.Fatalf("holders %d of %d pieces", complete, pieces)
+	}
+}
+
+func TestGCPurgesDeadPeersAndTasks(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	s.Announce(Peer{ID: "seed1", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.ReportPiece("a", "t", 0, "d0", 4, 4)
+	seed, _ := s.Enqueue(Work{TaskID: "w", URL: "http://origin/w"})
+	if seed != "seed1" {
+		t.Fatalf("work went to %q", seed)
+	}
+	c.add(5 * time.Second)
+	s.Announce(Peer{ID: "seed2", Seed: true, Capacity: 8})
+	c.add(6 * time.Second) // a and seed1 are dead, seed2 is not
+	s.Announce(Peer{ID: "seed2", Seed: true, Capacity: 8})
+	if peers, tasks := s.GC(); peers != 2 || tasks != 1 {
+		t.Fatalf("purged %d peers and %d tasks, want 2 and 1 (t; w still has work)", peers, tasks)
+	}
+	if peers, seeds, tasks := s.Stats(); peers != 1 || seeds != 1 || tasks != 1 {
+		t.Fatalf("after GC: %d peers, %d seeds, %d tasks", peers, seeds, tasks)
+	}
+	if w := s.TakeWork("seed2"); len(w) != 1 || w[0].TaskID != "w" {
+		t.Fatalf("the dead seed's work did not move: %+v", w)
+	}
+	if s.Announce(Peer{ID: "a", Capacity: 4}) {
+		t.Fatal("a purged peer was still known")
+	}
+
+	// A seed that took a task and died: the task moves to a live seed.
+	s.Announce(Peer{ID: "seed3", Seed: true, Capacity: 8})
+	s.RegisterTask("a", Work{TaskID: "x", URL: "http://origin/x"}, 4, 4)
+	took := ""
+	for _, id := range []string{"seed2", "seed3"} {
+		if len(s.TakeWork(id)) == 1 {
+			took = id
+		}
+	}
+	other := map[string]string{"seed2": "seed3", "seed3": "seed2"}[took]
+	c.add(6 * time.Second)
+	s.Announce(Peer{ID: other, Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	c.add(6 * time.Second)
+	s.Announce(Peer{ID: other, Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "a", Capacity: 4})
+	s.GC()
+	moved := map[string]string{}
+	for _, w := range s.TakeWork(other) {
+		moved[w.TaskID] = w.URL
+	}
+	if moved["x"] != "http://origin/x" || (took == "seed2" && moved["w"] != "http://origin/w") {
+		t.Fatalf("the tasks of the dead seed %s did not move to %s: %v", took, other, moved)
+	}
+}
+
+func TestLeaveMovesQueuedWork(t *testing.T) {
+	s := New(Options{})
+	s.Announce(Peer{ID: "s1", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "s2", Seed: true, Capacity: 8})
+	first, _ := s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
+	other := map[string]string{"s1": "s2", "s2": "s1"}[first]
+	s.Leave(first)
+	if w := s.TakeWork(other); len(w) != 1 {
+		t.Fatalf("work of the seed that left: %+v", w)
+	}
+}
+
+func TestBusyHoldersMeanWait(t *testing.T) {
+	s := New(Options{})
+	s.Announce(Peer{ID: "full", Capacity: 2, Load: 2})
+	s.Announce(Peer{ID: "me", Capacity: 2})
+	s.ReportPiece("full", "t", 0, "d0", 4, 4)
+	if got := sched1(s, "me", "t", 0); got != "wait" {
+		t.Fatalf("with the only holder busy: %s, want wait (not a second origin fetch)", got)
+	}
+	s.ReportBadParent("me", "t", "full")
+	if got := sched1(s, "me", "t", 0); got != "origin" {
+		t.Fatalf("with the only holder refused: %s", got)
+	}
+}
+
+func TestOtherPieceSizeIgnored(t *testing.T) {
+	s := New(Options{})
+	s.Announce(Peer{ID: "a", Capacity: 2})
+	s.Announce(Peer{ID: "b", Capacity: 2})
+	s.Announce(Peer{ID: "me", Capacity: 2})
+	s.RegisterTask("me", Work{TaskID: "t"}, 8, 4)
+	s.ReportPiece("a", "t", 0, "d0", 8, 2) // cut in 2-byte pieces: other bytes
+	s.ReportPiece("b", "t", 9, "d9", 8, 4) // out of range
+	if got := sched1(s, "me", "t", 0); got != "origin" {
+		t.Fatalf("a holder of a differently cut task was offered: %s", got)
+	}
+	if st, _ := s.TaskStatus("t"); st.Fetched != 0 || st.Pieces != 2 {
+		t.Fatalf("status %+v", st)
+	}
+}
+
+func TestSeedThatNeverStartsLosesPieceSoon(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c)) // SeedStartTTL 10s by default
+	heartbeat := func() {
+		s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+		s.Announce(Peer{ID: "a", Capacity: 4})
+	}
+	heartbeat()
+	if _, _, seed := s.RegisterTask("a", Work{TaskID: "t", URL: "http://origin/t"}, 10, 4); seed != "seed" {
+		t.Fatalf("queued for %q", seed)
+	}
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a: %s", got)
+	}
+	c.add(9 * time.Second)
+	heartbeat()
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("a within the seed's start time: %s", got)
+	}
+	c.add(2 * time.Second) // the seed took the work but never started it
+	heartbeat()
+	if got := sched1(s, "a", "t", 0); got != "origin" {
+		t.Fatalf("a after the seed failed to start: %s", got)
+	}
+}
+
+func TestOffersCountAgainstFreeSlots(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	s.Announce(Peer{ID: "parent", Capacity: 2})
+	for _, id := range []string{"a", "b", "c"} {
+		s.Announce(Peer{ID: id, Capacity: 2})
+	}
+	s.ReportPiece("parent", "t", 0, "d0", 4, 4)
+	got := []string{sched1(s, "a", "t", 0), sched1(s, "b", "t", 0), sched1(s, "c", "t", 0)}
+	if fmt.Sprint(got) != "[parents,parent parents,parent wait]" {
+		t.Fatalf("a parent with 2 slots offered: %v", got)
+	}
+	s.Announce(Peer{ID: "parent", Capacity: 2}) // a heartbeat does not forget the offers
+	if got := sched1(s, "c", "t", 0); got != "wait" {
+		t.Fatalf("after a heartbeat: %s", got)
+	}
+	c.add(2 * time.Second)
+	s.Announce(Peer{ID: "parent", Capacity: 2, Load: 1}) // one upload running
+	if got := sched1(s, "c", "t", 0); got != "parents,parent" {
+		t.Fatalf("after the offers aged: %s", got)
+	}
+	if got := sched1(s, "a", "t", 0); got != "wait" {
+		t.Fatalf("with the last slot offered: %s", got)
+	}
+}
+
+func TestFinishedSeedTaskNotHandedOver(t *testing.T) {
+	s := New(Options{})
+	s.Announce(Peer{ID: "s1", Seed: true, Capacity: 8})
+	s.Announce(Peer{ID: "s2", Seed: true, Capacity: 8})
+	seed, _ := s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
+	other := map[string]string{"s1": "s2", "s2": "s1"}[seed]
+	s.TakeWork(seed)
+	s.ReportPieces(seed, "t", 8, 4, map[int]string{0: "d0", 1: "d1"})
+	s.Leave(seed)
+	if w := s.TakeWork(other); len(w) != 0 {
+		t.Fatalf("a task the seed had finished was handed over: %+v", w)
+	}
+}

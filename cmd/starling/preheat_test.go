@@ -1,0 +1,466 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"google.golang.org/grpc"
+
+	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/internal/testenv"
+	"github.com/starling-dev/starling/pkg/peer"
+	"github.com/starling-dev/starling/pkg/progress"
+	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/scheduler"
+	"github.com/starling-dev/starling/pkg/storage"
+)
+
+// multiImage pushes an index of two images, linux/amd64 and linux/arm64/v8,
+// that share their base layer, and returns the reference and each
+// platform's blob digests (config and layers).
+func multiImage(t *testing.T, reg *testenv.Registry, repoTag string) (string, map[string][]string) {
+	t.Helper()
+	base, err := random.Layer(300<<10, "application/vnd.oci.image.layer.v1.tar+gzip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobs := map[string][]string{}
+	idx := v1.ImageIndex(empty.Index)
+	for _, p := range []v1.Platform{{OS: "linux", Architecture: "amd64"}, {OS: "linux", Architecture: "arm64", Variant: "v8"}} {
+		img, err := random.Image(200<<10, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if img, err = mutate.AppendLayers(img, base); err != nil {
+			t.Fatal(err)
+		}
+		cf, _ := img.ConfigFile()
+		cf.OS, cf.Architecture, cf.Variant = p.OS, p.Architecture, p.Variant
+		if img, err = mutate.ConfigFile(img, cf); err != nil {
+			t.Fatal(err)
+		}
+		m, err := img.Manifest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds := []string{m.Config.Digest.String()}
+		for _, l := range m.Layers {
+			ds = append(ds, l.Digest.String())
+		}
+		blobs[p.String()] = ds
+		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &p}})
+	}
+	c := registry.New(registry.DefaultConfig())
+	ref, err := c.ParseReference(reg.Addr + "/" + repoTag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Write(context.Background(), ref, idx); err != nil {
+		t.Fatal(err)
+	}
+	return ref.Name(), blobs
+}
+
+func TestPreheatPlan(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	image, want := multiImage(t, reg, "preheat/multi:1")
+	c := registry.New(registry.DefaultConfig())
+	ref, err := c.ParseReference(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	hdr := http.Header{"Authorization": {"Bearer x"}}
+
+	plan, err := planPreheat(ctx, c, ref, nil, hdr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	union := map[string]bool{}
+	for _, ds := range want {
+		for _, d := range ds {
+			union[d] = true
+		}
+	}
+	if got := digests(plan); !equalSets(got, union) {
+		t.Errorf("all platforms: blobs %v, want %v", got, keys(union))
+	}
+	if len(plan.Blobs) != len(union) {
+		t.Errorf("%d blobs planned for %d distinct digests: the shared layer is not deduplicated", len(plan.Blobs), len(union))
+	}
+	for _, b := range plan.Blobs {
+		w := b.Work
+		if w.TaskId != w.Digest {
+			t.Errorf("task ID %s of blob %s: a registry blob's task ID is its digest", w.TaskId, w.Digest)
+		}
+		wantURL := "http://" + reg.Addr + "/v2/preheat/multi/blobs/" + w.Digest
+		if w.Url != wantURL {
+			t.Errorf("URL %s, want %s", w.Url, wantURL)
+		}
+		if v := w.Header["Authorization"]; v == nil || len(v.Values) != 1 || v.Values[0] != "Bearer x" {
+			t.Errorf("header of %s: %v", w.Digest, w.Header)
+		}
+		// The URL is what a seed fetches: it must serve the blob.
+		resp, err := http.Get(w.Url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		sum := sha256.Sum256(body)
+		if got := "sha256:" + hex.EncodeToString(sum[:]); got != w.Digest || int64(len(body)) != b.Size {
+			t.Errorf("%s serves %d bytes of %s; want %d bytes of %s", w.Url, len(body), got, b.Size, w.Digest)
+		}
+	}
+	shared := 0
+	for _, b := range plan.Blobs {
+		if len(b.Platforms) == 2 {
+			shared++
+		}
+	}
+	if shared != 1 {
+		t.Errorf("%d blobs listed under both platforms, want 1 (the base layer)", shared)
+	}
+
+	// One platform; a spec without variant matches the arm64/v8 image.
+	arm, _ := v1.ParsePlatform("linux/arm64")
+	plan, err = planPreheat(ctx, c, ref, []*v1.Platform{arm}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := digests(plan); !equalSets(got, setOf(want["linux/arm64/v8"])) {
+		t.Errorf("linux/arm64: blobs %v, want %v", got, want["linux/arm64/v8"])
+	}
+
+	// A platform the index lacks is an error, not an empty preheat.
+	s390, _ := v1.ParsePlatform("linux/s390x")
+	if _, err := planPreheat(ctx, c, ref, []*v1.Platform{s390}, nil); err == nil || !strings.Contains(err.Error(), "linux/s390x") {
+		t.Errorf("missing platform: err = %v", err)
+	}
+
+	// A single image (by digest) gives its own blobs.
+	amd := reg.Addr + "/preheat/multi@" + platformDigest(t, c, ref, "linux/amd64")
+	ref2, err := c.ParseReference(amd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err = planPreheat(ctx, c, ref2, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := digests(plan); !equalSets(got, setOf(want["linux/amd64"])) {
+		t.Errorf("single image: blobs %v, want %v", got, want["linux/amd64"])
+	}
+	if plan.Blobs[0].Kind != "config" {
+		t.Errorf("first blob is a %s, want the config", plan.Blobs[0].Kind)
+	}
+}
+
+func TestPreheatArguments(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	image, _ := multiImage(t, reg, "preheat/args:1")
+	if _, _, err := runCmd(t, newPreheatCmd, image); err == nil || !strings.Contains(err.Error(), "no scheduler") {
+		t.Errorf("no scheduler: err = %v", err)
+	}
+	if _, _, err := runCmd(t, newPreheatCmd, "--scheduler", "127.0.0.1:1", "--platform", "linux//", image); err == nil || !strings.Contains(err.Error(), "--platform") {
+		t.Errorf("bad platform: err = %v", err)
+	}
+	if _, _, err := runCmd(t, newPreheatCmd, "--scheduler", "127.0.0.1:1", "-H", "nocolon", image); err == nil || !strings.Contains(err.Error(), "-H") {
+		t.Errorf("bad header: err = %v", err)
+	}
+	// A scheduler that does not answer: one line naming it.
+	dead := "127.0.0.1:" + testenv.Itoa(testenv.FreePort(t))
+	_, _, err := runCmd(t, newPreheatCmd, "--scheduler", dead, image)
+	if err == nil || !strings.Contains(err.Error(), dead) || strings.Contains(err.Error(), "\n") {
+		t.Errorf("dead scheduler: err = %v", err)
+	}
+	// An image that does not exist.
+	if _, _, err := runCmd(t, newPreheatCmd, "--scheduler", dead, reg.Addr+"/preheat/none:1"); err == nil || !strings.Contains(err.Error(), "preheat/none") {
+		t.Errorf("missing image: err = %v", err)
+	}
+}
+
+func TestFetchedBytes(t *testing.T) {
+	const mib = 1 << 20
+	for _, c := range []struct {
+		length, size    int64
+		pieces, fetched int32
+		seeds           int32
+		want            int64
+	}{
+		{10 * mib, 10 * mib, 3, 0, 0, 0},
+		{10 * mib, 10 * mib, 3, 1, 0, 4 * mib},
+		{10 * mib, 10 * mib, 3, 2, 0, 8 * mib},
+		{10 * mib, 10 * mib, 3, 3, 0, 10 * mib},
+		{10 * mib, 10 * mib, 3, 1, 1, 10 * mib},
+		{10 * mib, 10 * mib, 10, 4, 0, 4 * mib}, // 1 MiB pieces
+		{0, 5 * mib, 0, 0, 0, 0},                // not known to the scheduler yet
+	} {
+		s := &schedulerpb.TaskState{Length: c.length, Pieces: c.pieces, Fetched: c.fetched, SeedsComplete: c.seeds}
+		if got := fetchedBytes(s, c.size); got != c.want {
+			t.Errorf("%+v: %d bytes, want %d", c, got, c.want)
+		}
+	}
+}
+
+func digests(p *preheatPlan) map[string]bool {
+	m := map[string]bool{}
+	for _, b := range p.Blobs {
+		m[b.Work.Digest] = true
+	}
+	return m
+}
+
+func setOf(ss []string) map[string]bool {
+	m := map[string]bool{}
+	for _, s := range ss {
+		m[s] = true
+	}
+	return m
+}
+
+func keys(m map[string]bool) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+func equalSets(a, b map[string]bool) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k := range a {
+		if !b[k] {
+			return false
+		}
+	}
+	return true
+}
+
+func platformDigest(t *testing.T, c *registry.Client, ref interface{ Name() string }, platform string) string {
+	t.Helper()
+	r, err := c.ParseReference(ref.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.Get(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := d.ImageIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range im.Manifests {
+		if m.Platform != nil && m.Platform.String() == platform {
+			return m.Digest.String()
+		}
+	}
+	t.Fatalf("no %s in the index", platform)
+	return ""
+}
+
+// startScheduler serves a real scheduler over gRPC on loopback.
+func startScheduler(t *testing.T) (string, *scheduler.Scheduler) {
+	t.Helper()
+	s := scheduler.New(scheduler.Options{})
+	srv, err := scheduler.NewServer(s, scheduler.ServerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	srv.RegisterGRPC(gs)
+	go func() { _ = gs.Serve(l) }()
+	t.Cleanup(gs.Stop)
+	return l.Addr().String(), s
+}
+
+// TestPreheatEndToEnd preheats a multi-platform image through two real
+// schedulers onto a real seed peer, and finds every blob in the seed's
+// storage afterwards.
+func TestPreheatEndToEnd(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	image, want := multiImage(t, reg, "preheat/e2e:1")
+	s1, sch1 := startScheduler(t)
+	s2, sch2 := startScheduler(t)
+	scheds := []string{s1, s2}
+
+	// With no seed, preheat says so at once.
+	_, _, err := runCmd(t, newPreheatCmd, "--scheduler", strings.Join(scheds, ","), image)
+	if err == nil || !strings.Contains(err.Error(), "no live seed peer at scheduler") {
+		t.Fatalf("no seed: err = %v", err)
+	}
+
+	root := t.TempDir()
+	seed, err := peer.New(peer.Options{Root: root, Seed: true, Schedulers: scheds, UploadListen: "127.0.0.1:0",
+		AdvertiseIP: "127.0.0.1", AnnounceInterval: 100 * time.Millisecond, PieceSize: 256 << 10,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := seed.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			seed.Close()
+		}
+	})
+	testenv.WaitFor(t, 10*time.Second, "the seed to announce itself", func() bool {
+		_, n1, _ := sch1.Stats()
+		_, n2, _ := sch2.Stats()
+		return n1 == 1 && n2 == 1
+	})
+
+	out, events, err := runCmd(t, newPreheatCmd, "--scheduler", strings.Join(scheds, ","), "--timeout", "2m", image, "--output", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Progress events on stderr, one JSON object a line, a "done" per blob.
+	doneEvents := 0
+	for _, line := range strings.Split(strings.TrimSpace(events), "\n") {
+		var ev progress.Event
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("progress line %q: %v", line, err)
+		}
+		if ev.Event == "done" {
+			doneEvents++
+			if ev.Error != "" || ev.Current != ev.Total {
+				t.Errorf("done event %+v", ev)
+			}
+		}
+	}
+	var res preheatOutput
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("output is not JSON: %v\n%s", err, out)
+	}
+	all := map[string]bool{}
+	for _, ds := range want {
+		for _, d := range ds {
+			all[d] = true
+		}
+	}
+	if doneEvents != len(all) {
+		t.Errorf("%d done events for %d blobs", doneEvents, len(all))
+	}
+	if !res.Done || !res.Waited || len(res.Blobs) != len(all) {
+		t.Errorf("summary: done=%v waited=%v %d blobs, want %d", res.Done, res.Waited, len(res.Blobs), len(all))
+	}
+	used := map[string]bool{}
+	for _, b := range res.Blobs {
+		if !b.Done || b.Seed != seed.ID() {
+			t.Errorf("blob %s: done=%v seed=%q", b.Digest, b.Done, b.Seed)
+		}
+		if b.Scheduler != scheduler.Pick(b.TaskID, scheds) {
+			t.Errorf("blob %s went to scheduler %s, not its rendezvous pick", b.Digest, b.Scheduler)
+		}
+		used[b.Scheduler] = true
+	}
+	t.Logf("%d blobs over %d schedulers", len(res.Blobs), len(used))
+
+	// Again with --no-wait: it returns once the work is queued (the seed
+	// already holds it all and ignores it).
+	out, _, err = runCmd(t, newPreheatCmd, "--scheduler", strings.Join(scheds, ","), "--no-wait", image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out, fmt.Sprintf("queued %d blobs", len(all))) {
+		t.Errorf("--no-wait said %q", out)
+	}
+
+	// The seed's storage holds every blob, whole.
+	seed.Close()
+	closed = true
+	st, err := storage.Open(filepath.Join(root, "tasks"), storage.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for d := range all {
+		task, ok := st.Lookup(d)
+		if !ok || !task.Done() {
+			t.Errorf("the seed does not hold %s whole (stored: %v)", d, ok)
+		}
+	}
+}
+
+// TestPreheatSeedGone: the seed leaves while the registry is stalled mid-
+// blob; preheat asks again for the stalled blobs, learns there is no seed
+// left, and says so instead of waiting out its timeout.
+func TestPreheatSeedGone(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	count := testenv.StartCountingProxy(t, reg.Addr)
+	multiImage(t, reg, "preheat/gone:1")
+	image := count.Addr + "/preheat/gone:1"
+	sched, s := startScheduler(t)
+
+	seed, err := peer.New(peer.Options{Root: t.TempDir(), Seed: true, Schedulers: []string{sched}, UploadListen: "127.0.0.1:0",
+		AdvertiseIP: "127.0.0.1", AnnounceInterval: 100 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := seed.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { seed.Close() })
+	testenv.WaitFor(t, 10*time.Second, "the seed to announce itself", func() bool {
+		_, n, _ := s.Stats()
+		return n == 1
+	})
+
+	old := stallResend
+	stallResend = 300 * time.Millisecond
+	t.Cleanup(func() { stallResend = old })
+	count.Stall()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := runCmd(t, newPreheatCmd, "--scheduler", sched, "--timeout", "2m", image)
+		done <- err
+	}()
+	testenv.WaitFor(t, 20*time.Second, "the work to be queued", func() bool {
+		_, _, tasks := s.Stats()
+		return tasks > 0 && count.Requests() > 0
+	})
+	t0 := time.Now()
+	seed.Close()
+	_, nseeds, _ := s.Stats()
+	t.Logf("seed closed in %v; live seeds now %d", time.Since(t0), nseeds)
+	select {
+	case err := <-done:
+		t.Logf("preheat: %v", err)
+		if err == nil || !strings.Contains(err.Error(), "no live seed peer at scheduler "+sched) {
+			t.Errorf("err = %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("preheat still waits after its seed left")
+	}
+}
