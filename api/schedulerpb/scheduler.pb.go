@@ -1212,6 +1212,7 @@ type TaskState struct {
 	SeedsComplete int32 `protobuf:"varint,5,opt,name=seeds_complete,json=seedsComplete,proto3" json:"seeds_complete,omitempty"`
 	// fetched counts the pieces at least one live peer holds.
 	Fetched       int32 `protobuf:"varint,6,opt,name=fetched,proto3" json:"fetched,omitempty"`
+	PieceSize     int64 `protobuf:"varint,7,opt,name=piece_size,json=pieceSize,proto3" json:"piece_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1284,6 +1285,13 @@ func (x *TaskState) GetSeedsComplete() int32 {
 func (x *TaskState) GetFetched() int32 {
 	if x != nil {
 		return x.Fetched
+	}
+	return 0
+}
+
+func (x *TaskState) GetPieceSize() int64 {
+	if x != nil {
+		return x.PieceSize
 	}
 	return 0
 }
@@ -1417,14 +1425,16 @@ const file_api_schedulerpb_scheduler_proto_rawDesc = "" +
 	"\x0fPreheatResponse\x12\x14\n" +
 	"\x05seeds\x18\x01 \x03(\tR\x05seeds\".\n" +
 	"\x11TaskStatusRequest\x12\x19\n" +
-	"\btask_ids\x18\x01 \x03(\tR\ataskIds\"\xb1\x01\n" +
+	"\btask_ids\x18\x01 \x03(\tR\ataskIds\"\xd0\x01\n" +
 	"\tTaskState\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x03R\x06length\x12\x16\n" +
 	"\x06pieces\x18\x03 \x01(\x05R\x06pieces\x12\x1a\n" +
 	"\bcomplete\x18\x04 \x01(\x05R\bcomplete\x12%\n" +
 	"\x0eseeds_complete\x18\x05 \x01(\x05R\rseedsComplete\x12\x18\n" +
-	"\afetched\x18\x06 \x01(\x05R\afetched\"L\n" +
+	"\afetched\x18\x06 \x01(\x05R\afetched\x12\x1d\n" +
+	"\n" +
+	"piece_size\x18\a \x01(\x03R\tpieceSize\"L\n" +
 	"\x12TaskStatusResponse\x126\n" +
 	"\x05tasks\x18\x01 \x03(\v2 .starling.scheduler.v1.TaskStateR\x05tasks2\x9a\x06\n" +
 	"\tScheduler\x12[\n" +

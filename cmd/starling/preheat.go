@@ -662,8 +662,8 @@ func (e *noSeedError) Error() string {
 }
 
 // fetchedBytes estimates the bytes a task's fetched pieces hold. The
-// status does not carry the piece size: the default is right unless peers
-// are configured otherwise, and then the size the piece count implies is.
+// status carries the piece size; a scheduler that does not say it gets the
+// size the piece count implies.
 func fetchedBytes(s *schedulerpb.TaskState, size int64) int64 {
 	length := s.GetLength()
 	if length <= 0 {
@@ -676,9 +676,16 @@ func fetchedBytes(s *schedulerpb.TaskState, size int64) int64 {
 	if s.GetSeedsComplete() >= 1 || int64(s.GetFetched()) >= n {
 		return length
 	}
-	ps := piece.DefaultSize
-	if int64(piece.Count(length, ps)) != n {
-		ps = (length + n - 1) / n
+	ps := s.GetPieceSize()
+	if ps <= 0 || int64(piece.Count(length, ps)) != n {
+		// Piece sizes are powers of two: the one that gives n pieces.
+		ps = 1
+		for ps < (length+n-1)/n {
+			ps *= 2
+		}
+		if int64(piece.Count(length, ps)) != n {
+			ps = (length + n - 1) / n
+		}
 	}
 	return min(int64(s.GetFetched())*ps, length)
 }

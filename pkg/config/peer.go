@@ -24,7 +24,8 @@ type Peer struct {
 	UploadConcurrency int `toml:"upload_concurrency"`
 	// UploadRateLimit bounds upload bandwidth in bytes per second (0: none).
 	UploadRateLimit int64 `toml:"upload_rate_limit"`
-	// PieceSize cuts new tasks; the first peer to register a task at the
+	// PieceSize cuts new tasks; 0 (the default) follows the task's length:
+	// about 128 pieces, 1 to 16 MiB each. The first peer to register a task at the
 	// scheduler fixes it for everyone.
 	PieceSize int64 `toml:"piece_size"`
 	// Concurrency is how many pieces of one task are fetched at once.
@@ -50,7 +51,6 @@ func DefaultPeer() Peer {
 		Role:              "peer",
 		UploadListen:      ":4000",
 		UploadConcurrency: 8,
-		PieceSize:         4 << 20,
 		Concurrency:       8,
 		PieceTimeout:      30 * time.Second,
 		AnnounceInterval:  time.Second,

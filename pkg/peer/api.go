@@ -29,7 +29,7 @@ type Options struct {
 	// UploadConcurrency bounds concurrent uploads; UploadRate (bytes/s, 0 = unlimited) their bandwidth.
 	UploadConcurrency int
 	UploadRate        int64
-	// PieceSize cuts new tasks (piece.DefaultSize when 0).
+	// PieceSize cuts new tasks; 0 follows each task's length (piece.SizeFor).
 	PieceSize int64
 	// Concurrency is how many pieces of one task are downloaded at once.
 	Concurrency int

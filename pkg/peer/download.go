@@ -54,6 +54,9 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 			}
 		}
 		psize := p.o.PieceSize
+		if psize <= 0 {
+			psize = piece.SizeFor(length)
+		}
 		// Every peer must cut a task the same way: the first registration
 		// at the scheduler fixes length and piece size.
 		if l, ps, ok := p.register(ctx, r, length, psize); ok {
@@ -196,13 +199,24 @@ func (d *Download) NewReader(ctx context.Context, off, length int64) io.ReadClos
 	}
 	if length > 0 {
 		if first, last, ok := piece.Covering(off, length, t.length, t.psize); ok {
+			// The reader's next pieces first, the rest of the range in
+			// the background order; Read moves the front along.
 			t.mu.Lock()
-			t.wantLocked(first, last)
+			for n := first; n <= last; n++ {
+				if !t.have[n] {
+					t.wanted[n] = true
+					delete(t.failed, n)
+				}
+			}
+			t.wantLocked(first, min(first+readAhead-1, last))
 			t.mu.Unlock()
 		}
 	}
 	return &reader{ctx: ctx, t: t, pos: off, end: off + max(length, 0)}
 }
+
+// readAhead is how many pieces ahead of a streaming reader are fetched first.
+const readAhead = 2
 
 type reader struct {
 	ctx      context.Context
@@ -215,6 +229,12 @@ func (r *reader) Read(b []byte) (int, error) {
 		return 0, io.EOF
 	}
 	n := int(r.pos / r.t.psize)
+	last := int((r.end - 1) / r.t.psize)
+	r.t.mu.Lock()
+	if !r.t.have[n] || (n+1 <= last && !r.t.have[n+1]) {
+		r.t.wantLocked(n, min(n+readAhead-1, last))
+	}
+	r.t.mu.Unlock()
 	if err := r.t.waitRange(r.ctx, n, n); err != nil {
 		return 0, err
 	}

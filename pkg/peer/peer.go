@@ -22,7 +22,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/starling-dev/starling/pkg/piece"
 	"github.com/starling-dev/starling/pkg/storage"
 )
 
@@ -53,9 +52,6 @@ type Peer struct {
 func New(o Options) (*Peer, error) {
 	if o.Root == "" {
 		return nil, errors.New("peer: no root directory")
-	}
-	if o.PieceSize <= 0 {
-		o.PieceSize = piece.DefaultSize
 	}
 	if o.Concurrency <= 0 {
 		o.Concurrency = 8

@@ -47,7 +47,9 @@ type task struct {
 	refs       int
 	have       []bool
 	urgent     map[int]bool
+	wanted     map[int]bool // wanted in the background, in order
 	all        bool
+	order      []int // background order: a random permutation
 	inflight   map[int]bool
 	failed     map[int]error
 	waitUntil  map[int]time.Time
@@ -66,11 +68,15 @@ type task struct {
 
 func newTask(p *Peer, r Request, src Source, st *storage.Task) *task {
 	t := &task{p: p, id: r.TaskID, req: r, src: src, st: st, length: st.Length(), psize: st.PieceSize(),
-		urgent: map[int]bool{}, inflight: map[int]bool{}, failed: map[int]error{},
+		urgent: map[int]bool{}, wanted: map[int]bool{}, inflight: map[int]bool{}, failed: map[int]error{},
 		waitUntil: map[int]time.Time{}, rounds: map[int]int{}, avoid: map[string]time.Time{},
 		bad: map[string]bool{}, parentLoad: map[string]int{}, parentOf: map[int]string{},
 		changed: make(chan struct{}), kick: make(chan struct{}, 1)}
 	t.count = piece.Count(t.length, t.psize)
+	// Peers that fetch a task at the same time fetch its pieces in
+	// different orders, so that they soon hold different pieces and can
+	// trade them, instead of all waiting on whoever holds the next one.
+	t.order = rand.Perm(t.count)
 	t.have = make([]bool, t.count)
 	for n := range st.Pieces() {
 		if n >= 0 && n < t.count {
@@ -147,9 +153,9 @@ func (t *task) pendingLocked(now time.Time) (pending []int, waiting bool, wake t
 	for _, n := range us {
 		consider(n)
 	}
-	if t.all {
-		for n := 0; n < t.count; n++ {
-			if !t.urgent[n] {
+	if t.all || len(t.wanted) > 0 {
+		for _, n := range t.order {
+			if !t.urgent[n] && (t.all || t.wanted[n]) {
 				consider(n)
 			}
 		}
@@ -374,6 +380,7 @@ func (t *task) fromOrigin(n int, reason string) error {
 	if err := t.st.WritePiece(n, data, hex.EncodeToString(sum[:])); err != nil {
 		return fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
 	}
+	t.p.log.Debug("piece stored", "task", t.id, "piece", n, "from", "origin")
 	t.p.m.pieceBytes.WithLabelValues("origin").Add(float64(l))
 	t.p.m.backToSource.WithLabelValues(reason).Inc()
 	t.report(n, hex.EncodeToString(sum[:]))
@@ -384,9 +391,8 @@ func (t *task) fromOrigin(n int, reason string) error {
 // parent whose piece does not match the digest the origin fetcher
 // registered is never asked again for this task.
 func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo) (string, error) {
-	// Shuffled before the sort on our own load, so that peers given the
-	// same ranking do not all crowd the first parent.
-	rand.Shuffle(len(parents), func(i, j int) { parents[i], parents[j] = parents[j], parents[i] })
+	// The scheduler's order counts recent offers against each parent's
+	// free slots; only our own in-flight requests reorder it.
 	t.mu.Lock()
 	sort.SliceStable(parents, func(i, j int) bool {
 		return t.parentLoad[parents[i].GetId()] < t.parentLoad[parents[j].GetId()]
@@ -403,7 +409,9 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 		t.parentLoad[id]++
 		t.mu.Unlock()
 		_, want := piece.Range(n, t.length, t.psize)
+		start := time.Now()
 		data, err := t.p.fetchPiece(t.p.ctx, par, t.id, n, want)
+		took := time.Since(start)
 		t.mu.Lock()
 		t.parentLoad[id]--
 		t.mu.Unlock()
@@ -434,6 +442,7 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 		if err := t.st.WritePiece(n, data, digest); err != nil {
 			return "", fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
 		}
+		t.p.log.Debug("piece stored", "task", t.id, "piece", n, "from", id, "took", took)
 		t.p.m.pieceBytes.WithLabelValues("parent").Add(float64(len(data)))
 		t.report(n, digest)
 		return id, nil
@@ -490,6 +499,7 @@ func (t *task) pieceDone(n int, err error, parent string) {
 	case err == nil:
 		t.have[n] = true
 		delete(t.urgent, n)
+		delete(t.wanted, n)
 		delete(t.waitUntil, n)
 		if parent != "" {
 			t.parentOf[n] = parent
@@ -503,6 +513,7 @@ func (t *task) pieceDone(n int, err error, parent string) {
 		}
 		t.failed[n] = err
 		delete(t.urgent, n)
+		delete(t.wanted, n)
 	}
 	t.broadcastLocked()
 	t.mu.Unlock()

@@ -32,3 +32,14 @@ func TestPieceMaths(t *testing.T) {
 		}
 	}
 }
+
+func TestSizeFor(t *testing.T) {
+	for _, c := range []struct{ length, want int64 }{
+		{0, 1 << 20}, {1, 1 << 20}, {128 << 20, 1 << 20}, {128<<20 + 1, 2 << 20},
+		{256 << 20, 2 << 20}, {1 << 30, 8 << 20}, {2 << 30, 16 << 20}, {10 << 30, 16 << 20},
+	} {
+		if got := SizeFor(c.length); got != c.want {
+			t.Errorf("SizeFor(%d) = %d, want %d", c.length, got, c.want)
+		}
+	}
+}

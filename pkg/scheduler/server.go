@@ -428,7 +428,8 @@ func (srv *Server) TaskStatus(_ context.Context, req *schedulerpb.TaskStatusRequ
 		}
 		st, _ := srv.s.TaskStatus(id)
 		resp.Tasks = append(resp.Tasks, &schedulerpb.TaskState{TaskId: id, Length: st.Length, Pieces: int32(st.Pieces),
-			Complete: int32(st.Complete), SeedsComplete: int32(st.SeedsComplete), Fetched: int32(st.Fetched)})
+			Complete: int32(st.Complete), SeedsComplete: int32(st.SeedsComplete), Fetched: int32(st.Fetched),
+			PieceSize: st.PieceSize})
 	}
 	return resp, nil
 }

@@ -89,22 +89,22 @@ type TaskStatus struct {
 }
 
 // offerTTL is how long offering a parent counts against its free upload
-// slots: about the time a piece takes between peers, and the default
-// announce interval, after which the parent's reported Load includes the
-// upload (or it is over). Counting an upload twice meanwhile (offered and
-// in Load) errs on the side of a short wait rather than a refused upload.
+// slots unless the requester reports the piece sooner: about the time a
+// piece takes between peers and the default announce interval, after
+// which the parent's reported Load includes the upload (or it is over).
 const offerTTL = time.Second
 
 type peerState struct {
 	Peer
 	lastSeen time.Time
-	// offered counts the uploads handed to this parent since offeredAt
-	// that its last reported Load does not include yet. Without them every
-	// requester between two announces sees the same free slots, and a
-	// parent that alone holds a new piece is offered to more peers than it
-	// serves; those it refuses go to the origin.
-	offered   int
-	offeredAt time.Time
+	// offers are the uploads handed to this parent (requester, task and
+	// piece -> when the offer lapses) that its last reported Load may not
+	// include yet. Without them every requester between two announces sees
+	// the same free slots, and a parent that alone holds a new piece is
+	// offered to more peers than it serves. An offer ends when the
+	// requester reports the piece, so a fast parent is not held to one
+	// slot per second.
+	offers map[offerKey]time.Time
 }
 
 type pieceState struct {
@@ -117,9 +117,13 @@ type pieceState struct {
 	// lapsed are peers whose claim on this piece ran out while they were
 	// alive (stuck): the piece is not handed to them again.
 	lapsed map[string]bool
+	n      int
+	// offeredBy is the parent each requester was last offered for it.
+	offeredBy map[string]string
 }
 
 type taskState struct {
+	id        string
 	length    int64
 	pieceSize int64
 	// work is how to fetch the task, as last registered: the latest
@@ -182,7 +186,7 @@ func (s *Scheduler) announceLocked(p Peer) bool {
 	if known {
 		// Recent offers stay counted: the requests may not have reached
 		// the parent when it measured its load.
-		ps.offered, ps.offeredAt = old.offered, old.offeredAt
+		ps.offers = old.offers
 	}
 	s.peers[p.ID] = ps
 	return known
@@ -319,7 +323,7 @@ func (s *Scheduler) stale(id string) bool {
 func (s *Scheduler) task(id string, length, pieceSize int64) *taskState {
 	t, ok := s.tasks[id]
 	if !ok {
-		t = &taskState{pieces: map[int]*pieceState{}, held: map[string]int{}, bad: map[string]map[string]bool{},
+		t = &taskState{id: id, pieces: map[int]*pieceState{}, held: map[string]int{}, bad: map[string]map[string]bool{},
 			members: map[string]bool{}, seedWork: map[string]bool{}, seedStarted: map[string]bool{}}
 		s.tasks[id] = t
 	}
@@ -348,7 +352,7 @@ func (t *taskState) count() int {
 func (t *taskState) piece(n int) *pieceState {
 	p, ok := t.pieces[n]
 	if !ok {
-		p = &pieceState{holders: map[string]bool{}}
+		p = &pieceState{holders: map[string]bool{}, n: n, offeredBy: map[string]string{}}
 		t.pieces[n] = p
 	}
 	return p
@@ -398,7 +402,21 @@ func (s *Scheduler) ReportPieces(peerID, taskID string, length, pieceSize int64,
 	t.members[peerID] = true
 	for n, d := range pieces {
 		t.addHolder(n, peerID, d)
+		// The upload that brought the piece is over.
+		if p, ok := t.pieces[n]; ok {
+			if parent, ok := p.offeredBy[peerID]; ok {
+				delete(p.offeredBy, peerID)
+				if ps := s.peers[parent]; ps != nil {
+					delete(ps.offers, offerKey{requester: peerID, task: taskID, piece: n})
+				}
+			}
+		}
 	}
+}
+
+type offerKey struct {
+	requester, task string
+	piece           int
 }
 
 // ReportBadParent stops offering parent to peer for this task.
@@ -566,10 +584,13 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 			continue
 		}
 		ps := s.peers[id]
-		if now.Sub(ps.offeredAt) > offerTTL {
-			ps.offered = 0
+		for k, until := range ps.offers {
+			if now.After(until) {
+				delete(ps.offers, k)
+			}
 		}
-		c := cand{Peer: ps.Peer, free: ps.Capacity - ps.Load - ps.offered, held: t.held[id]}
+		// Load and offers are two estimates of the same running uploads.
+		c := cand{Peer: ps.Peer, free: ps.Capacity - max(ps.Load, len(ps.offers)), held: t.held[id]}
 		if c.free <= 0 {
 			// Capacity 0 is a peer that serves nobody, not a busy one.
 			busy = busy || ps.Capacity > 0
@@ -603,11 +624,13 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 	}
 	if len(cs) > 0 {
 		// The requester starts with one parent; charge the likeliest.
-		if ps := s.peers[cs[0].ID]; ps.offered == 0 {
-			ps.offered, ps.offeredAt = 1, now
-		} else {
-			ps.offered++
+		ps := s.peers[cs[0].ID]
+		if ps.offers == nil {
+			ps.offers = map[offerKey]time.Time{}
 		}
+		k := offerKey{requester: requester, task: t.id, piece: p.n}
+		ps.offers[k] = now.Add(offerTTL)
+		p.offeredBy[requester] = cs[0].ID
 	}
 	out := make([]Peer, len(cs))
 	for i, c := range cs {

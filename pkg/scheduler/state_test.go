@@ -467,8 +467,17 @@ func TestOffersCountAgainstFreeSlots(t *testing.T) {
 	if got := sched1(s, "c", "t", 0); got != "parents,parent" {
 		t.Fatalf("after the offers aged: %s", got)
 	}
-	if got := sched1(s, "a", "t", 0); got != "wait" {
-		t.Fatalf("with the last slot offered: %s", got)
+	// Load and offers estimate the same uploads: the larger counts.
+	if got := sched1(s, "a", "t", 0); got != "parents,parent" {
+		t.Fatalf("with one upload running and one offered: %s", got)
+	}
+	if got := sched1(s, "b", "t", 0); got != "wait" {
+		t.Fatalf("with both slots offered: %s", got)
+	}
+	// A requester that reports the piece ends its upload at once.
+	s.ReportPiece("a", "t", 0, "d0", 4, 4)
+	if got := sched1(s, "b", "t", 0); got == "wait" {
+		t.Fatalf("after a finished upload: %s", got)
 	}
 }
 

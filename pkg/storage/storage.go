@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -280,10 +281,49 @@ func (t *Task) WritePiece(n int, data []byte, sum string) error {
 		return fmt.Errorf("task %s piece %d: %w", t.id, n, err)
 	}
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	t.m.Pieces[n] = sum
 	t.m.LastUse = time.Now()
-	return t.s.save(t.id, &t.m)
+	t.mu.Unlock()
+	return t.persist()
+}
+
+// persist writes the task's metadata. Not under t.mu: a commit waits for
+// fsync, and readers of the task (uploads) must not wait for that. Each
+// transaction marshals the newest state, so concurrent writers of one task
+// cannot leave an older one behind, and Batch folds them into few commits.
+func (t *Task) persist() error {
+	return t.s.db.Batch(func(tx *bolt.Tx) error {
+		t.mu.Lock()
+		raw, err := json.Marshal(&t.m)
+		t.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		return tx.Bucket(bucketTasks).Put([]byte(t.id), raw)
+	})
+}
+
+// OpenPiece opens the task's file positioned at piece n, on a descriptor
+// of its own so that an upload can go out with sendfile (io.Copy of an
+// io.LimitReader over it); ok is false if the piece is not held.
+func (t *Task) OpenPiece(n int) (f *os.File, length int64, sum string, ok bool, err error) {
+	t.mu.Lock()
+	sum, ok = t.m.Pieces[n]
+	t.m.LastUse = time.Now()
+	t.mu.Unlock()
+	if !ok {
+		return nil, 0, "", false, nil
+	}
+	off, l := piece.Range(n, t.m.Length, t.m.PieceSize)
+	f, err = os.Open(t.s.path(t.id))
+	if err != nil {
+		return nil, 0, "", false, fmt.Errorf("task %s piece %d: %w", t.id, n, err)
+	}
+	if _, err := f.Seek(off, io.SeekStart); err != nil {
+		f.Close()
+		return nil, 0, "", false, fmt.Errorf("task %s piece %d: %w", t.id, n, err)
+	}
+	return f, l, sum, true, nil
 }
 
 // ReadPiece returns piece n with its digest; ok is false if it is not held.
@@ -337,9 +377,9 @@ func (t *Task) Finish() error {
 		}
 	}
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	t.m.Done = true
-	return t.s.save(t.id, &t.m)
+	t.mu.Unlock()
+	return t.persist()
 }
 
 func cutDigest(d string) (algo, hexs string, ok bool) {

@@ -35,7 +35,9 @@ func TestBenchP2P(t *testing.T) {
 	peersN := envInt(t, "STARLING_BENCH_PEERS", 8)
 	rate := os.Getenv("STARLING_BENCH_RATE")
 	if rate == "" {
-		rate = "200mbit"
+		// The hosts share this machine's cores: at 100mbit the links, not
+		// the CPU, are what the benchmark measures (hack/bench-p2p.sh).
+		rate = "100mbit"
 	}
 	sizeMiB := envSizeMiB(t, "STARLING_BENCH_SIZE", 128)
 	size := sizeMiB << 20

@@ -104,7 +104,8 @@ func (c *cluster) startScheduler() {
 	c.t.Helper()
 	// An empty configuration file, so nothing from /etc/starling leaks in.
 	cfg := filepath.Join(c.t.TempDir(), "scheduler.toml")
-	if err := os.WriteFile(cfg, nil, 0o644); err != nil {
+	// STARLING_P2P_SCHEDULER_TOML adds settings, for tuning experiments.
+	if err := os.WriteFile(cfg, []byte(os.Getenv("STARLING_P2P_SCHEDULER_TOML")), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
 	c.sched = c.schedHost.Start(c.t, "scheduler", nil, c.scheduler, "--config", cfg, "--log-level", "debug",
@@ -128,7 +129,8 @@ func (c *cluster) addNode(name, role string, env ...string) *node {
 	n.root = dir
 	// A configuration file of its own, so nothing from /etc/starling leaks
 	// in; the registry is plain HTTP.
-	cfg := fmt.Sprintf("[resolver.host.%q]\ninsecure = true\n", c.regHost.IP+":5000")
+	// STARLING_P2P_PEER_TOML adds settings, for tuning experiments.
+	cfg := os.Getenv("STARLING_P2P_PEER_TOML") + "\n" + fmt.Sprintf("[resolver.host.%q]\ninsecure = true\n", c.regHost.IP+":5000")
 	if err := os.WriteFile(filepath.Join(dir, "starlingd.toml"), []byte(cfg), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
@@ -181,7 +183,7 @@ func (n *node) start() {
 // keepLogsOnFailure copies every log of a failed test to a directory that
 // outlives it (StartIn prints only their tails).
 func (c *cluster) keepLogsOnFailure() {
-	if !c.t.Failed() {
+	if !c.t.Failed() && os.Getenv("STARLING_P2P_KEEP_LOGS") == "" {
 		return
 	}
 	dir, err := os.MkdirTemp("", "starling-p2p-logs-")
