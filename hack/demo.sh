@@ -78,6 +78,7 @@ metric() { # ADDR NAME [LABEL]: sum of a metric's samples
 }
 size=$(starling inspect -o json "$reg/python:3-esgz" | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
 say "result: who fetched what (image: $((size / 1000000)) MB of layers)"
+total_origin=0
 for who in seed node1 node2; do
 	case $who in
 	seed) m=$seed_metrics ;;
@@ -88,8 +89,10 @@ for who in seed node1 node2; do
 	origin=$(metric "$m" starling_peer_piece_bytes_total 'source="origin"')
 	parent=$(metric "$m" starling_peer_piece_bytes_total 'source="parent"')
 	up=$(metric "$m" starling_peer_upload_bytes_total)
+	total_origin=$((total_origin + origin))
 	awk -v w="$who" -v r="$read_b" -v o="$origin" -v p="$parent" -v u="$up" 'BEGIN {
 		printf "%-6s container reads %6.1f MB | pieces from the registry %6.1f MB, from peers %6.1f MB | served to peers %6.1f MB\n", w, r/1e6, o/1e6, p/1e6, u/1e6 }'
 done
-echo "The registry served each piece once (to the seed); the nodes got them from peers."
+awk -v o="$total_origin" -v s="$size" 'BEGIN {
+	printf "the registry sent %.1f MB in all for a %.1f MB image and two nodes: %.2f times the image\n", o/1e6, s/1e6, o/s }'
 grep -c 'layer mounted lazily' "$work/node1/starlingd.log" | xargs -I{} echo "{} layers mounted lazily on node 1 (see its starlingd log)"
