@@ -33,8 +33,8 @@ type Peer struct {
 	// PieceTimeout bounds one piece from a parent before it is asked of
 	// another parent or the origin.
 	PieceTimeout time.Duration `toml:"piece_timeout"`
-	// AnnounceInterval is the heartbeat to the schedulers; seeds pick up
-	// preheat work at this pace.
+	// AnnounceInterval is the heartbeat to the schedulers; 0 is 1s for a
+	// peer and 250ms for a seed, which picks up work with the answers.
 	AnnounceInterval time.Duration `toml:"announce_interval"`
 	// Zone and Rack are location labels: parents nearby rank first.
 	Zone string `toml:"zone"`
@@ -53,7 +53,6 @@ func DefaultPeer() Peer {
 		UploadConcurrency: 8,
 		Concurrency:       8,
 		PieceTimeout:      30 * time.Second,
-		AnnounceInterval:  time.Second,
 		Lazy:              true,
 	}
 }

@@ -37,7 +37,7 @@ type Options struct {
 	Zone, Rack string
 	// Storage bounds the task storage.
 	Storage storage.Options
-	// AnnounceInterval is the heartbeat period.
+	// AnnounceInterval is the heartbeat period (0: 1s, 250ms for a seed).
 	AnnounceInterval time.Duration
 	// PieceTimeout bounds one piece download from a parent before it is asked elsewhere.
 	PieceTimeout time.Duration

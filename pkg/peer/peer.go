@@ -61,6 +61,11 @@ func New(o Options) (*Peer, error) {
 	}
 	if o.AnnounceInterval <= 0 {
 		o.AnnounceInterval = time.Second
+		if o.Seed {
+			// Work for a seed arrives with the answer to a heartbeat, and
+			// the peers that asked for it wait meanwhile.
+			o.AnnounceInterval = 250 * time.Millisecond
+		}
 	}
 	if o.PieceTimeout <= 0 {
 		o.PieceTimeout = 30 * time.Second
