@@ -366,7 +366,7 @@ func TestGetThroughProxy(t *testing.T) {
 	if got, _ := os.ReadFile(file); !bytes.Equal(got, data) {
 		t.Fatal("file differs from the blob")
 	}
-	if n := originBytes(t, metrics); n < float64(len(data)) {
+	if n := testenv.Counter(t, metrics, "starling_peer_piece_bytes_total", "source", "origin"); n < float64(len(data)) {
 		t.Errorf("the peer fetched %v bytes from the origin: the blob did not go through P2P", n)
 	}
 
@@ -391,26 +391,4 @@ func TestGetThroughProxy(t *testing.T) {
 		t.Errorf("refused download: err = %v", err)
 	}
 	noLeftovers(t, dir, "blob", "tls")
-}
-
-func originBytes(t *testing.T, g prometheus.Gatherer) float64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != "starling_peer_piece_bytes_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "source" && l.GetValue() == "origin" {
-					sum += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return sum
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"path/filepath"
 	"sort"
@@ -20,7 +19,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
-	"google.golang.org/grpc"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
 	"github.com/starling-dev/starling/internal/testenv"
@@ -283,33 +281,16 @@ func platformDigest(t *testing.T, c *registry.Client, ref interface{ Name() stri
 	return ""
 }
 
-// startScheduler serves a real scheduler over gRPC on loopback.
-func startScheduler(t *testing.T) (string, *scheduler.Scheduler) {
-	t.Helper()
-	s := scheduler.New(scheduler.Options{})
-	srv, err := scheduler.NewServer(s, scheduler.ServerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer()
-	srv.RegisterGRPC(gs)
-	go func() { _ = gs.Serve(l) }()
-	t.Cleanup(gs.Stop)
-	return l.Addr().String(), s
-}
-
 // TestPreheatEndToEnd preheats a multi-platform image through two real
 // schedulers onto a real seed peer, and finds every blob in the seed's
 // storage afterwards.
 func TestPreheatEndToEnd(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	image, want := multiImage(t, reg, "preheat/e2e:1")
-	s1, sch1 := startScheduler(t)
-	s2, sch2 := startScheduler(t)
+	s1, srv1 := testenv.StartScheduler(t)
+	sch1 := srv1.Scheduler()
+	s2, srv2 := testenv.StartScheduler(t)
+	sch2 := srv2.Scheduler()
 	scheds := []string{s1, s2}
 
 	// With no seed, preheat says so at once.
@@ -420,7 +401,8 @@ func TestPreheatSeedGone(t *testing.T) {
 	count := testenv.StartCountingProxy(t, reg.Addr)
 	multiImage(t, reg, "preheat/gone:1")
 	image := count.Addr + "/preheat/gone:1"
-	sched, s := startScheduler(t)
+	sched, srv := testenv.StartScheduler(t)
+	s := srv.Scheduler()
 
 	seed, err := peer.New(peer.Options{Root: t.TempDir(), Seed: true, Schedulers: []string{sched}, UploadListen: "127.0.0.1:0",
 		AdvertiseIP: "127.0.0.1", AnnounceInterval: 100 * time.Millisecond,

@@ -10,56 +10,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/peer"
-	"github.com/starling-dev/starling/pkg/scheduler"
 )
-
-// startScheduler serves a real scheduler on a loopback port.
-func startScheduler(t *testing.T) string {
-	t.Helper()
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{}), scheduler.ServerOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	srv.RegisterGRPC(g)
-	go g.Serve(l)
-	t.Cleanup(g.Stop)
-	return l.Addr().String()
-}
-
-func counter(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			ok := label == ""
-			for _, lp := range m.GetLabel() {
-				if lp.GetName()+"="+lp.GetValue() == label {
-					ok = true
-				}
-			}
-			if ok {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
-}
 
 type testPeer struct {
 	*peer.Peer
@@ -99,7 +53,7 @@ func TestPeersShareOneOriginFetch(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	cp := testenv.StartCountingProxy(t, reg.Addr)
 	data, digest, u := pushBlob(t, reg.Addr, cp.Addr, 24<<20+7)
-	sched := startScheduler(t)
+	sched, _ := testenv.StartScheduler(t)
 	var peers []testPeer
 	for range 6 {
 		peers = append(peers, schedPeer(t, sched, false))
@@ -120,7 +74,7 @@ func TestPeersShareOneOriginFetch(t *testing.T) {
 	wg.Wait()
 	var fromParents float64
 	for _, p := range peers {
-		fromParents += counter(t, p.reg, "starling_peer_piece_bytes_total", "source=parent")
+		fromParents += testenv.Counter(t, p.reg, "starling_peer_piece_bytes_total", "source", "parent")
 	}
 	origin := cp.BlobBytes(digest)
 	t.Logf("origin served %d bytes for a %d-byte blob (%.3fx); peers took %.0f bytes from each other", origin, len(data), float64(origin)/float64(len(data)), fromParents)
@@ -134,17 +88,17 @@ func TestSeedFetchesForOthers(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	cp := testenv.StartCountingProxy(t, reg.Addr)
 	data, digest, u := pushBlob(t, reg.Addr, cp.Addr, 8<<20)
-	sched := startScheduler(t)
+	sched, _ := testenv.StartScheduler(t)
 	seed := schedPeer(t, sched, true)
 	a := schedPeer(t, sched, false)
 	time.Sleep(500 * time.Millisecond)
 	if got := fetchAll(t, a.Peer, digest, u); got != digest {
 		t.Fatalf("digest %s", got)
 	}
-	if o := counter(t, a.reg, "starling_peer_piece_bytes_total", "source=origin"); o != 0 {
+	if o := testenv.Counter(t, a.reg, "starling_peer_piece_bytes_total", "source", "origin"); o != 0 {
 		t.Errorf("the peer fetched %.0f bytes from the origin with a seed present", o)
 	}
-	if o := counter(t, seed.reg, "starling_peer_piece_bytes_total", "source=origin"); o != float64(len(data)) {
+	if o := testenv.Counter(t, seed.reg, "starling_peer_piece_bytes_total", "source", "origin"); o != float64(len(data)) {
 		t.Errorf("the seed fetched %.0f bytes from the origin, want %d", o, len(data))
 	}
 }
@@ -154,7 +108,7 @@ func TestSeedFetchesForOthers(t *testing.T) {
 func TestCorruptParentRefused(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	_, digest, u := pushBlob(t, reg.Addr, reg.Addr, 6<<20)
-	sched := startScheduler(t)
+	sched, _ := testenv.StartScheduler(t)
 	os.Setenv("STARLING_TEST_CORRUPT_UPLOADS", "1")
 	bad := schedPeer(t, sched, false)
 	os.Unsetenv("STARLING_TEST_CORRUPT_UPLOADS")
@@ -167,12 +121,12 @@ func TestCorruptParentRefused(t *testing.T) {
 	if got := fetchAll(t, good.Peer, digest, u); got != digest {
 		t.Fatalf("digest %s after a corrupt parent", got)
 	}
-	if n := counter(t, good.reg, "starling_peer_bad_pieces_total", ""); n < 1 {
+	if n := testenv.Counter(t, good.reg, "starling_peer_bad_pieces_total", "", ""); n < 1 {
 		t.Fatal("no bad piece was detected")
 	}
 	// Pieces already on their way when the first bad one is caught come
 	// back bad too; none is asked of that parent twice.
-	if n := counter(t, good.reg, "starling_peer_bad_pieces_total", ""); n > 6 {
+	if n := testenv.Counter(t, good.reg, "starling_peer_bad_pieces_total", "", ""); n > 6 {
 		t.Errorf("%v bad pieces for a 6-piece blob: the corrupt parent was asked again", n)
 	}
 }
@@ -188,7 +142,7 @@ func TestSchedulerDown(t *testing.T) {
 	if got := fetchAll(t, p.Peer, digest, u); got != digest {
 		t.Fatalf("digest %s", got)
 	}
-	if n := counter(t, p.reg, "starling_peer_back_to_source_total", "reason=scheduler_unreachable"); n < 1 {
+	if n := testenv.Counter(t, p.reg, "starling_peer_back_to_source_total", "reason", "scheduler_unreachable"); n < 1 {
 		t.Fatal("no back-to-source for an unreachable scheduler")
 	}
 }

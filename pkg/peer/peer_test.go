@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -144,5 +145,55 @@ func TestWrongDigestDiscards(t *testing.T) {
 	d.Start()
 	if err := d.Wait(context.Background()); err == nil {
 		t.Fatal("a blob that does not match its digest was accepted")
+	}
+}
+
+// A peer stopped mid-download finishes it after a restart, without
+// fetching again what it had.
+func TestRestartResumesDownload(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	cp := testenv.StartCountingProxy(t, reg.Addr)
+	data, digest, u := pushBlob(t, reg.Addr, cp.Addr, 16<<20)
+	root := t.TempDir()
+	p, err := peer.New(peer.Options{Root: root, PieceSize: 1 << 20, Concurrency: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d, err := p.Open(context.Background(), peer.Request{TaskID: digest, URL: u, Digest: digest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start()
+	testenv.WaitFor(t, 30*time.Second, "a few pieces", func() bool { done, _ := d.Progress(); return done >= 3<<20 })
+	cp.Stall()
+	held, _ := d.Progress()
+	d.Close()
+	p.Close()
+	cp.Resume()
+	if held >= int64(len(data)) {
+		t.Fatal("the download finished before the peer stopped")
+	}
+
+	p2 := newPeer(t, peer.Options{Root: root, PieceSize: 1 << 20})
+	d2, err := p2.Open(context.Background(), peer.Request{TaskID: digest, URL: u, Digest: digest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := d2.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(d2.NewReader(ctx, 0, -1))
+	if err != nil || sum(got) != digest {
+		t.Fatalf("after the restart: %v", err)
+	}
+	// What the stalled requests had in flight may come twice, nothing else.
+	if o := cp.BlobBytes(digest); o > int64(len(data))+2<<20 {
+		t.Fatalf("origin served %d bytes for a %d-byte blob held %d bytes before the restart", o, len(data), held)
 	}
 }

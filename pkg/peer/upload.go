@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -98,27 +99,7 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 	}
 	st.Acquire()
 	defer st.Release()
-	if !u.corrupt && u.limit == nil {
-		// The common case goes out with sendfile: no copy through user space.
-		f, l, sum, ok, err := st.OpenPiece(n)
-		if err != nil {
-			u.p.log.Error("read piece for upload", "task", id, "piece", n, "err", err)
-			http.Error(w, "read piece", http.StatusInternalServerError)
-			return
-		}
-		if !ok {
-			http.Error(w, "piece not held", http.StatusNotFound)
-			return
-		}
-		defer f.Close()
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.FormatInt(l, 10))
-		w.Header().Set("X-Piece-Digest", sum)
-		k, _ := io.Copy(w, io.LimitReader(f, l))
-		u.p.m.uploadBytes.Add(float64(k))
-		return
-	}
-	data, sum, ok, err := st.ReadPiece(n)
+	f, l, sum, ok, err := st.OpenPiece(n)
 	if err != nil {
 		u.p.log.Error("read piece for upload", "task", id, "piece", n, "err", err)
 		http.Error(w, "read piece", http.StatusInternalServerError)
@@ -128,25 +109,42 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "piece not held", http.StatusNotFound)
 		return
 	}
-	if u.corrupt {
-		data = append([]byte(nil), data...)
-		data[len(data)/2] ^= 0xff
-	}
+	defer f.Close()
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+	w.Header().Set("Content-Length", strconv.FormatInt(l, 10))
 	w.Header().Set("X-Piece-Digest", sum)
-	for off := 0; off < len(data); {
-		k := min(len(data)-off, 64<<10)
-		if u.limit != nil {
-			if err := u.limit.WaitN(r.Context(), k); err != nil {
-				return
-			}
-		}
-		if _, err := w.Write(data[off : off+k]); err != nil {
+	var src io.Reader = io.LimitReader(f, l)
+	if u.corrupt {
+		data, err := io.ReadAll(src)
+		if err != nil || len(data) == 0 {
 			return
 		}
+		data[len(data)/2] ^= 0xff
+		src = bytes.NewReader(data)
+	}
+	if u.limit == nil && !u.corrupt {
+		// The common case goes out with sendfile: no copy through user space.
+		k, _ := io.Copy(w, src)
 		u.p.m.uploadBytes.Add(float64(k))
-		off += k
+		return
+	}
+	buf := make([]byte, 64<<10)
+	for {
+		k, err := src.Read(buf)
+		if k > 0 {
+			if u.limit != nil {
+				if err := u.limit.WaitN(r.Context(), k); err != nil {
+					return
+				}
+			}
+			if _, err := w.Write(buf[:k]); err != nil {
+				return
+			}
+			u.p.m.uploadBytes.Add(float64(k))
+		}
+		if err != nil {
+			return
+		}
 	}
 }
 

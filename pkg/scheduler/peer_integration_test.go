@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"io"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -16,12 +15,10 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/peer"
 	"github.com/starling-dev/starling/pkg/registry"
-	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
 // TestPeersThroughScheduler runs real peers (a seed and plain ones) against
@@ -47,19 +44,7 @@ func TestPeersThroughScheduler(t *testing.T) {
 	digest := d.String()
 	url := "http://" + cp.Addr + "/v2/p2p/blob/blobs/" + digest
 
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{}), scheduler.ServerOptions{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	srv.RegisterGRPC(g)
-	go func() { _ = g.Serve(l) }()
-	t.Cleanup(g.Stop)
+	addr, srv := testenv.StartScheduler(t)
 
 	var regs []*prometheus.Registry // the seed's first
 	var logBuf syncBuffer
@@ -72,7 +57,7 @@ func TestPeersThroughScheduler(t *testing.T) {
 	start := func(seed bool) *peer.Peer {
 		pr := prometheus.NewRegistry()
 		regs = append(regs, pr)
-		p, err := peer.New(peer.Options{Root: t.TempDir(), Seed: seed, Schedulers: []string{l.Addr().String()},
+		p, err := peer.New(peer.Options{Root: t.TempDir(), Seed: seed, Schedulers: []string{addr},
 			AdvertiseIP: "127.0.0.1", UploadListen: "127.0.0.1:0", PieceSize: 1 << 20,
 			AnnounceInterval: 100 * time.Millisecond, Logger: peerLog.With("peer", len(regs)-1), Registerer: pr})
 		if err != nil {

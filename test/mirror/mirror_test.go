@@ -19,7 +19,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/peer"
@@ -51,37 +50,6 @@ func startMirror(t *testing.T, reg *prometheus.Registry) string {
 	go func() { _ = srv.Serve(l) }()
 	t.Cleanup(func() { srv.Close() })
 	return l.Addr().String()
-}
-
-// metric returns the value of a counter (or the sum over its label sets
-// that have label=value; "" for all).
-func metric(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if label == "" || hasLabel(m, label, value) {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
-func hasLabel(m *dto.Metric, name, value string) bool {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name && l.GetValue() == value {
-			return true
-		}
-	}
-	return false
 }
 
 func TestContainerdPullsThroughMirror(t *testing.T) {
@@ -162,9 +130,9 @@ func TestContainerdPullsThroughMirror(t *testing.T) {
 			t.Errorf("blob %s (%d bytes): the registry sent %d bytes, want %d (once, for both pulls)", d, n, got, n)
 		}
 	}
-	p2pReqs := metric(t, pr, "starling_proxy_requests_total", "path", "p2p")
-	p2pBytes := metric(t, pr, "starling_proxy_bytes_total", "path", "p2p")
-	direct := metric(t, pr, "starling_proxy_requests_total", "path", "direct")
+	p2pReqs := testenv.Counter(t, pr, "starling_proxy_requests_total", "path", "p2p")
+	p2pBytes := testenv.Counter(t, pr, "starling_proxy_bytes_total", "path", "p2p")
+	direct := testenv.Counter(t, pr, "starling_proxy_requests_total", "path", "direct")
 	t.Logf("proxy: %v p2p requests (%v bytes), %v direct; registry: %d requests", p2pReqs, p2pBytes, direct, origin.Requests())
 	if p2pReqs < float64(2*len(blobs)) {
 		t.Errorf("%v requests went through P2P, want at least %d (every blob, twice)", p2pReqs, 2*len(blobs))
@@ -175,7 +143,7 @@ func TestContainerdPullsThroughMirror(t *testing.T) {
 	if direct == 0 {
 		t.Error("no manifest request went straight to the registry")
 	}
-	if got := metric(t, pr, "starling_peer_piece_bytes_total", "source", "origin"); got != float64(total) {
+	if got := testenv.Counter(t, pr, "starling_peer_piece_bytes_total", "source", "origin"); got != float64(total) {
 		t.Errorf("the peer fetched %v bytes from the origin, want %d", got, total)
 	}
 }

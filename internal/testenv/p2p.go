@@ -1,0 +1,61 @@
+package testenv
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+
+	"github.com/starling-dev/starling/pkg/scheduler"
+)
+
+// StartScheduler serves a real scheduler over gRPC on a loopback port
+// until the test ends; it returns the address and the server.
+func StartScheduler(t testing.TB) (string, *scheduler.Server) {
+	t.Helper()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{}), scheduler.ServerOptions{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	srv.RegisterGRPC(g)
+	go func() { _ = g.Serve(l) }()
+	t.Cleanup(g.Stop)
+	return l.Addr().String(), srv
+}
+
+// Counter sums the samples of a counter whose label has value (label ""
+// sums them all).
+func Counter(t testing.TB, g prometheus.Gatherer, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			ok := label == ""
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == label && lp.GetValue() == value {
+					ok = true
+				}
+			}
+			if ok {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
