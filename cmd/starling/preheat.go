@@ -222,7 +222,7 @@ func runPreheat(cmd *cobra.Command, image string, o preheatOptions) (err error) 
 		if g.output == "json" {
 			return emit()
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "queued %d blobs (%s) of %s on seed peers\n", len(outs), humanBytes(out.Bytes), plan.Reference)
+		fmt.Fprintf(cmd.OutOrStdout(), "queued %d blobs (%s) of %s on seed peers\n", len(outs), human(out.Bytes), plan.Reference)
 		return nil
 	}
 
@@ -244,7 +244,7 @@ func runPreheat(cmd *cobra.Command, image string, o preheatOptions) (err error) 
 		return emit()
 	}
 	fmt.Fprintf(cmd.OutOrStdout(), "preheated %s (%s): %d blobs, %s, on seed peers in %.1fs\n",
-		plan.Reference, plan.Digest, len(outs), humanBytes(out.Bytes), time.Since(start).Seconds())
+		plan.Reference, plan.Digest, len(outs), human(out.Bytes), time.Since(start).Seconds())
 	return nil
 }
 
@@ -708,17 +708,4 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(ks)
 	return ks
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

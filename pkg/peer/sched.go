@@ -186,21 +186,15 @@ func (c *schedClient) announce(ctx context.Context, addr string) error {
 // held lists the stored tasks that belong to scheduler addr, with their pieces.
 func (c *schedClient) held(addr string) []*schedulerpb.HeldTask {
 	var out []*schedulerpb.HeldTask
-	for _, id := range c.p.store.IDs() {
-		if scheduler.Pick(id, c.addrs) != addr {
+	for _, h := range c.p.store.Holdings() {
+		if len(h.Pieces) == 0 || scheduler.Pick(h.ID, c.addrs) != addr {
 			continue
 		}
-		st, ok := c.p.store.Lookup(id)
-		if !ok {
-			continue
-		}
-		ht := &schedulerpb.HeldTask{TaskId: id, Length: st.Length(), PieceSize: st.PieceSize()}
-		for n, d := range st.Pieces() {
+		ht := &schedulerpb.HeldTask{TaskId: h.ID, Length: h.Length, PieceSize: h.PieceSize}
+		for n, d := range h.Pieces {
 			ht.Pieces = append(ht.Pieces, &schedulerpb.PieceDigest{Number: int32(n), Digest: d})
 		}
-		if len(ht.Pieces) > 0 {
-			out = append(out, ht)
-		}
+		out = append(out, ht)
 	}
 	return out
 }

@@ -188,6 +188,31 @@ func (s *Store) IDs() []string {
 	return ids
 }
 
+// Held is what the store holds of one task, read from the metadata alone.
+type Held struct {
+	ID        string
+	Length    int64
+	PieceSize int64
+	// Pieces maps piece numbers to their hex sha256.
+	Pieces map[int]string
+}
+
+// Holdings lists every stored task with its pieces, without opening the
+// task files (a peer announces them all after a scheduler restart).
+func (s *Store) Holdings() []Held {
+	var out []Held
+	_ = s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketTasks).ForEach(func(k, v []byte) error {
+			var m meta
+			if json.Unmarshal(v, &m) == nil {
+				out = append(out, Held{ID: string(k), Length: m.Length, PieceSize: m.PieceSize, Pieces: m.Pieces})
+			}
+			return nil
+		})
+	})
+	return out
+}
+
 func (s *Store) load(id string, m *meta) (bool, error) {
 	var raw []byte
 	if err := s.db.View(func(tx *bolt.Tx) error {

@@ -99,3 +99,24 @@ func TestGCByAgeAndQuota(t *testing.T) {
 		t.Fatalf("age collection removed %v", removed)
 	}
 }
+
+func TestHoldings(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	data := []byte("0123456789")
+	tk, err := s.Task("abc", int64(len(data)), 4, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(data[:4])
+	if err := tk.WritePiece(0, data[:4], hex.EncodeToString(sum[:])); err != nil {
+		t.Fatal(err)
+	}
+	h := s.Holdings()
+	if len(h) != 1 || h[0].ID != "abc" || h[0].Length != 10 || h[0].PieceSize != 4 || h[0].Pieces[0] != hex.EncodeToString(sum[:]) || len(h[0].Pieces) != 1 {
+		t.Fatalf("holdings: %+v", h)
+	}
+}
