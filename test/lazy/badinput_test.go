@@ -3,6 +3,8 @@ package lazy_test
 import (
 	"archive/tar"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -118,9 +120,12 @@ func TestRegistryStopsMidRead(t *testing.T) {
 		t.Fatalf("no log line for the failed read:\n%s", s.sd.Log())
 	}
 
-	want := testimage.Random(101, (20<<20)/20)
-	got, err := s.ctrRun(esgz, "/bin/cat", "/large/f0001")
-	if err != nil || got != string(want) {
-		t.Fatalf("after the registry came back: %v, %d bytes, equal %v", err, len(got), got == string(want))
+	// The check runs inside the container: a megabyte through ctr's
+	// stdout can lose its tail on a loaded machine, which says nothing
+	// about the file.
+	want := sha256.Sum256(testimage.Random(101, (20<<20)/20))
+	got, err := s.ctrRun(esgz, "/bin/sha256sum", "/large/f0001")
+	if err != nil || !strings.HasPrefix(got, hex.EncodeToString(want[:])) {
+		t.Fatalf("after the registry came back: %v, %q", err, got)
 	}
 }
