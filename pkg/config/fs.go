@@ -21,6 +21,18 @@ type FS struct {
 	// TailFetchSize is how much of a layer's end is fetched at once when its
 	// footer is read, so that footer and TOC usually come in one request.
 	TailFetchSize int64 `toml:"tail_fetch_size"`
+	// MaxTOCSize bounds a layer's decompressed TOC in bytes; a layer whose
+	// TOC is larger is refused before it costs memory.
+	MaxTOCSize int64 `toml:"max_toc_size"`
+	// MaxTOCEntries bounds the entries of a layer's TOC.
+	MaxTOCEntries int `toml:"max_toc_entries"`
+	// MaxChunkSize bounds one chunk's uncompressed size and the bytes that
+	// must be decompressed to reach it, so one read costs bounded memory and
+	// CPU whatever the TOC claims.
+	MaxChunkSize int64 `toml:"max_chunk_size"`
+	// Passthrough serves files whose bytes are all local with FUSE
+	// passthrough, where the kernel supports it.
+	Passthrough bool `toml:"passthrough"`
 }
 
 // DefaultFS is the fs section's defaults.
@@ -32,5 +44,9 @@ func DefaultFS() FS {
 		FetchTimeout:         30 * time.Second,
 		CacheSize:            20 << 30,
 		TailFetchSize:        256 << 10,
+		MaxTOCSize:           64 << 20,
+		MaxTOCEntries:        1 << 20,
+		MaxChunkSize:         64 << 20,
+		Passthrough:          true,
 	}
 }
