@@ -7,11 +7,15 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 LDFLAGS   := -X github.com/starling-dev/starling/internal/version.Version=$(VERSION)
 CMDS      := starling starlingd starling-scheduler
 # Packages whose state is shared between goroutines; they run again under -race.
-RACE_PKGS ?= $(shell $(GO) list ./pkg/... 2>/dev/null)
+RACE_PKGS ?= $(shell $(GO) list ./pkg/... ./cmd/... 2>/dev/null)
+# Fuzz targets (package:target); make test runs each for FUZZ_SHORT, make fuzz for FUZZTIME.
+FUZZ_TARGETS ?= ./pkg/toc:FuzzBuild ./pkg/toc:FuzzLoad ./pkg/toc:FuzzEntries
+FUZZ_SHORT ?= 10s
+FUZZTIME ?= 5m
 TEST_TIMEOUT ?= 75m
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit race lint deps demo bench-convert bench-lazy bench-p2p proto clean
+.PHONY: all build test unit race fuzz lint deps demo bench-convert bench-lazy bench-p2p proto clean
 
 all: build
 
@@ -26,17 +30,27 @@ deps:
 # containerd, runc, FUSE and network namespaces that the tests start themselves.
 test: deps build
 	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
-	$(GO) test -race -count=1 -short -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
+	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZ_SHORT)
 
 unit:
 	$(GO) test -count=1 -short ./...
 
 race:
-	$(GO) test -race -count=1 -short $(RACE_PKGS)
+	$(GO) test -race -count=1 $(RACE_PKGS)
+
+# Each fuzz target for FUZZTIME (go test fuzzes one target at a time).
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$pkg $$fn for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
+	$(GO) vet -tags bench ./test/...
 	@test -x "$(STATICCHECK)" || $(GO) install honnef.co/go/tools/cmd/staticcheck@latest
 	$(STATICCHECK) ./...
 

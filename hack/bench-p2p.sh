@@ -24,7 +24,7 @@ STARLING_BENCH=1 STARLING_BIN="$BIN" \
 	STARLING_BENCH_PEERS=${STARLING_BENCH_PEERS:-8} \
 	STARLING_BENCH_RATE=${STARLING_BENCH_RATE:-100mbit} \
 	STARLING_BENCH_SIZE=${STARLING_BENCH_SIZE:-128} \
-	go test -count=1 -run '^TestBenchP2P$' -v -timeout 30m ./test/p2p 2>&1 | tee "$out" |
+	go test -tags bench -count=1 -run '^TestBenchP2P$' -v -timeout 30m ./test/p2p 2>&1 | tee "$out" |
 	grep --line-buffered -E '^(bench-p2p|  [A-Za-z]|    [a-z_]+_test\.go|origin_ratio=|targets:|PASS |MISS |--- |ok|FAIL|panic)'
 rc=${PIPESTATUS[0]}
 set -e

@@ -112,18 +112,26 @@ manifest, so a failed conversion leaves nothing at DST.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(out)
 			}
-			kept, built := 0, 0
+			kept, built, asIs := 0, 0, 0
 			for _, im := range out.Images {
 				for _, l := range im.Layers {
-					if l.Kept {
+					switch {
+					case l.NotLazy != "":
+						asIs++
+					case l.Kept:
 						kept++
-					} else {
+					default:
 						built++
 					}
 				}
 			}
-			fmt.Printf("converted %s -> %s: %s (%d layers built, %d kept) in %.1fs\n",
-				src, dst, out.Digest, built, kept, out.Seconds)
+			extra := ""
+			if asIs > 0 {
+				// The warning naming each layer and entry is in the log.
+				extra = fmt.Sprintf(", %d left as they were: they will not mount lazily", asIs)
+			}
+			fmt.Printf("converted %s -> %s: %s (%d layers built, %d kept%s) in %.1fs\n",
+				src, dst, out.Digest, built, kept, extra, out.Seconds)
 			return nil
 		},
 	}

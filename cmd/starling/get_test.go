@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -84,7 +85,7 @@ func noLeftovers(t *testing.T, dir string, want ...string) {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
-		if !contains(want, e.Name()) {
+		if !slices.Contains(want, e.Name()) {
 			t.Errorf("left behind in %s: %s", dir, e.Name())
 		}
 	}

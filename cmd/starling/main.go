@@ -84,8 +84,12 @@ func (e exitError) Error() string { return e.err.Error() }
 func (e exitError) Unwrap() error { return e.err }
 
 // loadConfig reads the configuration; a file named explicitly must exist.
+// --plain-http goes into the resolver section, which decides per host how
+// every registry client of the command reaches it.
 func loadConfig(cmd *cobra.Command) (config.Daemon, error) {
-	return config.Load(g.configPath, cmd.Flags().Changed("config"))
+	cfg, err := config.Load(g.configPath, cmd.Flags().Changed("config"))
+	cfg.Resolver.PlainHTTP = cfg.Resolver.PlainHTTP || g.plainHTTP
+	return cfg, err
 }
 
 // registryClient builds the registry client from the configuration and flags.
@@ -94,5 +98,5 @@ func registryClient(cmd *cobra.Command) (*registry.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return registry.New(cfg.Resolver, registry.WithPlainHTTP(g.plainHTTP), registry.WithUserAgent("starling/"+version.Version)), nil
+	return registry.New(cfg.Resolver, registry.WithUserAgent("starling/"+version.Version)), nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"os"
 	"sync"
 	"time"
@@ -13,16 +12,13 @@ import (
 	"github.com/containerd/containerd/images"
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/pkg/snapshotters"
-	"github.com/containerd/containerd/remotes"
-	"github.com/containerd/containerd/remotes/docker"
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 
-	"github.com/starling-dev/starling/pkg/config"
 	"github.com/starling-dev/starling/pkg/progress"
+	"github.com/starling-dev/starling/pkg/registry/dockerhosts"
 )
 
 func init() { subcommands = append(subcommands, newPullCmd) }
@@ -94,7 +90,7 @@ ctr-remote image rpull). Then: ctr run --snapshotter starling REF ID CMD.`,
 				})
 			}
 			opts := []containerd.RemoteOpt{
-				containerd.WithResolver(resolver(cfg)),
+				containerd.WithResolver(dockerhosts.Resolver(cfg.Resolver, nil)),
 				containerd.WithPullUnpack,
 				containerd.WithPullSnapshotter(snapshotter),
 				containerd.WithImageHandlerWrapper(func(h images.Handler) images.Handler {
@@ -157,74 +153,4 @@ ctr-remote image rpull). Then: ctr run --snapshotter starling REF ID CMD.`,
 	f.StringVar(&snapshotter, "snapshotter", "starling", "snapshotter to unpack with")
 	f.StringVar(&platform, "platform", "", "platform to pull (default: this host's)")
 	return cmd
-}
-
-// resolver is containerd's registry resolver configured like starling's
-// own client: plain HTTP for loopback, --plain-http and insecure hosts,
-// mirrors first, credentials from the Docker config.
-func resolver(cfg config.Daemon) remotes.Resolver {
-	kc := authn.DefaultKeychain
-	creds := func(host string) (string, string, error) {
-		reg, err := name.NewRegistry(host, name.WeakValidation)
-		if err != nil {
-			return "", "", nil
-		}
-		a, err := kc.Resolve(reg)
-		if err != nil {
-			return "", "", err
-		}
-		ac, err := a.Authorization()
-		if err != nil {
-			return "", "", err
-		}
-		if ac.IdentityToken != "" {
-			return "", ac.IdentityToken, nil
-		}
-		return ac.Username, ac.Password, nil
-	}
-	authorizer := docker.NewDockerAuthorizer(docker.WithAuthCreds(creds))
-	plain := func(host string) bool {
-		if g.plainHTTP {
-			return true
-		}
-		if ok, _ := docker.MatchLocalhost(host); ok {
-			return true
-		}
-		if hc, ok := cfg.Resolver.Host[host]; ok && hc.Insecure {
-			return true
-		}
-		return false
-	}
-	httpClient := &http.Client{Timeout: 0, Transport: &http.Transport{Proxy: http.ProxyFromEnvironment, ResponseHeaderTimeout: cfg.Resolver.RequestTimeout}}
-	hosts := func(host string) ([]docker.RegistryHost, error) {
-		var out []docker.RegistryHost
-		hc := cfg.Resolver.Host[host]
-		for _, m := range hc.Mirrors {
-			scheme := "https"
-			if m.Insecure || g.plainHTTP {
-				scheme = "http"
-			} else if ok, _ := docker.MatchLocalhost(m.Host); ok {
-				scheme = "http"
-			}
-			out = append(out, docker.RegistryHost{
-				Client: httpClient, Authorizer: authorizer, Host: m.Host, Scheme: scheme, Path: "/v2",
-				Capabilities: docker.HostCapabilityPull | docker.HostCapabilityResolve, Header: m.Header,
-			})
-		}
-		def, err := docker.ConfigureDefaultRegistries(
-			docker.WithAuthorizer(authorizer),
-			docker.WithClient(httpClient),
-			docker.WithPlainHTTP(func(h string) (bool, error) { return plain(h), nil }),
-		)(host)
-		if err != nil {
-			return nil, err
-		}
-		for i := range def {
-			if len(hc.Header) > 0 {
-				def[i].Header = hc.Header
-			}
-		}
-		return append(out, def...), nil
-	}
-	return docker.NewResolver(docker.ResolverOptions{Hosts: hosts})
 }

@@ -189,10 +189,9 @@ func setupMirror(out, errw io.Writer, cfg config.Daemon, o mirrorOptions) error 
 	if err != nil {
 		return err
 	}
-	scheme := proxy.FromConfig(cfg.Proxy, cfg.Resolver).Scheme
-	if g.plainHTTP {
-		scheme = func(string) string { return "http" }
-	}
+	// The scheme containerd reaches each registry with when the mirror
+	// fails over to it: as starling's own clients do.
+	scheme := func(host string) string { return cfg.Resolver.Endpoint(host).Scheme() }
 	cur, err := readContainerdConfig(o.configPath)
 	if err != nil {
 		return err

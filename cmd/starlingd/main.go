@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
@@ -36,11 +37,27 @@ var components []component
 // daemon holds what components share: the health server's mux, for one.
 type daemon struct {
 	health *http.ServeMux
+	// metrics is the registry of this run's components, served on /metrics
+	// beside the process-wide default one: a second run in one process (a
+	// test) registers its metrics afresh instead of clashing.
+	metrics *prometheus.Registry
 	// peer is the P2P peer when it runs; the snapshotter reads layers through it.
 	peer *peer.Peer
 }
 
 func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := newCommand(run).ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "starlingd:", err)
+		stop()
+		os.Exit(1)
+	}
+}
+
+// newCommand is starlingd's command line: it loads the configuration,
+// applies the flags the user set over it and hands the result to run.
+func newCommand(run func(context.Context, config.Daemon) error) *cobra.Command {
 	var (
 		configPath  string
 		cfg         config.Daemon
@@ -97,13 +114,7 @@ func main() {
 	f.StringVar(&cfg.Proxy.Listen, "proxy-listen", d.Proxy.Listen, "HTTP proxy and registry mirror address")
 	f.BoolVar(&snapshotter, "snapshotter", d.Snapshotter.Enable, "serve the containerd snapshots API")
 	f.BoolVar(&peerOn, "peer", d.Peer.Enable, "run the P2P peer (upload server and proxy)")
-
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := cmd.ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "starlingd:", err)
-		os.Exit(1)
-	}
+	return cmd
 }
 
 func splitList(s string) []string {
@@ -128,7 +139,7 @@ func run(ctx context.Context, cfg config.Daemon) error {
 	slog.Info("starting starlingd", "version", version.Version, "root", cfg.Root,
 		"snapshotter", cfg.Snapshotter.Enable, "peer", cfg.Peer.Enable, "role", cfg.Peer.Role)
 
-	d := &daemon{health: http.NewServeMux()}
+	d := &daemon{health: http.NewServeMux(), metrics: prometheus.NewRegistry()}
 	ok := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("OK")) }
 	d.health.HandleFunc("/healthy", ok)
 	d.health.HandleFunc("/server/ping", ok)
@@ -159,22 +170,16 @@ func run(ctx context.Context, cfg config.Daemon) error {
 		if addr == "" {
 			return nil
 		}
-		l, err := net.Listen("tcp", addr)
+		stop, err := serveHTTP(name, addr, h)
 		if err != nil {
-			return fmt.Errorf("%s listen %s: %w", name, addr, err)
+			return err
 		}
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				slog.Error("server stopped", "server", name, "err", err)
-			}
-		}()
-		stops = append(stops, srv.Shutdown)
+		stops = append(stops, stop)
 		names = append(names, name)
 		return nil
 	}
 	metrics := http.NewServeMux()
-	metrics.Handle("/metrics", promhttp.Handler())
+	metrics.Handle("/metrics", promhttp.HandlerFor(prometheus.Gatherers{prometheus.DefaultGatherer, d.metrics}, promhttp.HandlerOpts{}))
 	if err := serve("metrics", cfg.MetricsListen, metrics); err != nil {
 		shutdown()
 		return err
@@ -188,4 +193,30 @@ func run(ctx context.Context, cfg config.Daemon) error {
 	slog.Info("shutting down")
 	shutdown()
 	return nil
+}
+
+// serveHTTP serves h on addr until the returned stop is called; stop
+// returns once the server's goroutine has ended.
+func serveHTTP(name, addr string, h http.Handler) (stop func(context.Context) error, err error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s listen %s: %w", name, addr, err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			slog.Error("server stopped", "server", name, "addr", addr, "err", err)
+		}
+	}()
+	return func(ctx context.Context) error {
+		err := srv.Shutdown(ctx)
+		if err != nil {
+			// Connections that outlive ctx are cut, so that Serve returns.
+			_ = srv.Close()
+		}
+		<-done
+		return err
+	}, nil
 }

@@ -20,7 +20,7 @@ func init() {
 	components = append(components, component{name: "peer", start: startPeer})
 }
 
-func peerOptions(cfg config.Daemon) (peer.Options, error) {
+func peerOptions(cfg config.Daemon, reg prometheus.Registerer) (peer.Options, error) {
 	switch cfg.Peer.Role {
 	case "peer", "seed":
 	default:
@@ -46,7 +46,7 @@ func peerOptions(cfg config.Daemon) (peer.Options, error) {
 		// environment: it may well point at this daemon's own proxy.
 		Client:     &http.Client{Transport: originTransport()},
 		Logger:     slog.Default(),
-		Registerer: prometheus.DefaultRegisterer,
+		Registerer: reg,
 	}, nil
 }
 
@@ -63,7 +63,7 @@ func startPeer(ctx context.Context, cfg config.Daemon, d *daemon) (func(context.
 	if !cfg.Peer.Enable {
 		return nil, nil
 	}
-	o, err := peerOptions(cfg)
+	o, err := peerOptions(cfg, d.metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -76,7 +76,7 @@ func startPeer(ctx context.Context, cfg config.Daemon, d *daemon) (func(context.
 		return nil, err
 	}
 	d.peer = p
-	stopProxy, err := startProxy(ctx, cfg, p)
+	stopProxy, err := startProxy(cfg, d, p)
 	if err != nil {
 		p.Close()
 		return nil, err

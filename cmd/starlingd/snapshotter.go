@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/starling-dev/starling/pkg/config"
 	"github.com/starling-dev/starling/pkg/layer"
 	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/remote"
 	"github.com/starling-dev/starling/pkg/snapshot"
 )
 
@@ -32,10 +35,10 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 	}
 	client := registry.New(cfg.Resolver, registry.WithUserAgent("starlingd/"+version.Version))
 	lo := layer.Options{
-		Root:   filepath.Join(cfg.Root, "lazy"),
-		Client: client,
-		FS:     cfg.FS,
-		Logger: slog.Default(),
+		Root:     filepath.Join(cfg.Root, "lazy"),
+		Registry: client,
+		FS:       cfg.FS,
+		Logger:   slog.Default(),
 	}
 	if d.peer != nil && cfg.Peer.Lazy && len(cfg.Peer.Schedulers) > 0 {
 		lo.Fetcher = p2pFetchers(d.peer, client)
@@ -45,23 +48,36 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 	if err != nil {
 		return nil, err
 	}
-	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), client, layers, slog.Default())
+	// What `starling status` shows: the lazy filesystem's read mode and
+	// every open layer with what reading it has cost.
+	d.health.HandleFunc("/status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(layers.Status())
+	})
+	fs := remote.New(client, layers, remote.Options{Logger: slog.Default()})
+	sn, err := snapshot.New(ctx, filepath.Join(cfg.Root, "snapshotter"), fs, slog.Default())
 	if err != nil {
+		_ = fs.Close()
+		_ = layers.Close()
 		return nil, err
+	}
+	closeAll := func() error {
+		err := sn.Close()
+		return errors.Join(err, fs.Close(), layers.Close())
 	}
 	addr := cfg.Snapshotter.Address
 	if err := os.MkdirAll(filepath.Dir(addr), 0o711); err != nil {
-		sn.Close()
+		_ = closeAll()
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}
 	// A socket left by a daemon that died would make Listen fail.
 	if err := os.Remove(addr); err != nil && !errors.Is(err, os.ErrNotExist) {
-		sn.Close()
+		_ = closeAll()
 		return nil, fmt.Errorf("remove stale socket %s: %w", addr, err)
 	}
 	l, err := net.Listen("unix", addr)
 	if err != nil {
-		sn.Close()
+		_ = closeAll()
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
 	srv := grpc.NewServer()
@@ -74,8 +90,7 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 	slog.Info("snapshotter serving", "address", addr, "root", cfg.Root)
 	return func(context.Context) error {
 		srv.GracefulStop()
-		err := sn.Close()
-		_ = layers.Close()
+		err := closeAll()
 		_ = os.Remove(addr)
 		return err
 	}, nil

@@ -1,11 +1,18 @@
 // Package treediff records what a directory tree holds, path by path, and
 // says how two trees differ. It is how tests prove that an unpacked or lazily
 // mounted image is the image: content, type, mode, owner, xattrs, link
-// targets, device numbers and hardlink groups.
+// targets, device numbers, link counts, hardlink groups and mtimes.
 //
-// Times are not compared: overlayfs and containerd's unpacking legitimately
-// change directory times, and lazy mounts report the TOC's times, which
-// carry no sub-second part.
+// The comparison is strict: every mode bit (type, permissions, setuid,
+// setgid, sticky, also of symlinks), owner, size, content, link target, every
+// xattr name and value, device numbers, link count (of directories too),
+// hardlink group and mtime. Left out, because they describe the filesystem
+// or the mount rather than the image: the size and block count of
+// directories, atime and ctime, sub-second mtimes (an eStargz TOC keeps whole
+// seconds), the mtime of the root (made by the unpacking or the mount), and
+// the xattrs overlayfs keeps for itself (trusted.overlay.*) and the SELinux
+// label. Compare two views of the same kind (for example two overlay mounts
+// of the layers) so that link counts of merged directories mean the same.
 package treediff
 
 import (
@@ -14,11 +21,15 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
+	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
@@ -36,6 +47,7 @@ type Node struct {
 	Xattrs  map[string]string // hex-encoded values
 	Nlink   uint64
 	LinkSet string // the sorted paths sharing this inode, when more than one
+	Mtime   int64  // seconds since the epoch; 0 for the root
 }
 
 // Tree maps a slash-separated path relative to the root ("." for the root) to its node.
@@ -63,7 +75,10 @@ func Snapshot(root string) (Tree, error) {
 		if err := unix.Lstat(p, &st); err != nil {
 			return fmt.Errorf("lstat %s: %w", p, err)
 		}
-		n := Node{UID: st.Uid, GID: st.Gid, Nlink: uint64(st.Nlink)}
+		n := Node{UID: st.Uid, GID: st.Gid, Nlink: uint64(st.Nlink), Mtime: st.Mtim.Sec}
+		if rel == "." {
+			n.Mtime = 0
+		}
 		n.Mode = fs.FileMode(st.Mode & 0o7777)
 		switch st.Mode & syscall.S_IFMT {
 		case syscall.S_IFREG:
@@ -74,20 +89,21 @@ func Snapshot(root string) (Tree, error) {
 			}
 			n.SHA256 = sum
 		case syscall.S_IFDIR:
-			n.Type = "dir"
-			n.Nlink = 0 // depends on subdirectory count bookkeeping of the filesystem
+			n.Type = "dir" // Size left 0: it is the filesystem's bookkeeping
 		case syscall.S_IFLNK:
-			n.Type = "symlink"
+			// Size is kept: readlink(1) and others size their buffer by it.
+			n.Type, n.Size = "symlink", st.Size
 			if n.Link, err = os.Readlink(p); err != nil {
 				return err
 			}
-			n.Mode = 0 // symlink permissions mean nothing on Linux
 		case syscall.S_IFCHR:
+			n.Size = st.Size
 			n.Type, n.Rdev = "char", fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
 		case syscall.S_IFBLK:
+			n.Size = st.Size
 			n.Type, n.Rdev = "block", fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
 		case syscall.S_IFIFO:
-			n.Type = "fifo"
+			n.Type, n.Size = "fifo", st.Size
 		case syscall.S_IFSOCK:
 			n.Type = "socket"
 		default:
@@ -158,6 +174,13 @@ func xattrs(p string) (map[string]string, error) {
 			continue
 		}
 		vsize, err := unix.Lgetxattr(p, name, nil)
+		if err == unix.ENODATA || err == unix.ENOTSUP || err == unix.EPERM {
+			// Listed but unreadable (for example user.* on a fifo, which
+			// the kernel refuses to read): a difference to show, not a
+			// reason to stop.
+			out[name] = "unreadable: " + err.Error()
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("getxattr %s %s: %w", p, name, err)
 		}
@@ -195,9 +218,9 @@ func Diff(a, b Tree) []string {
 		nb, inB := b[p]
 		switch {
 		case !inA:
-			out = append(out, fmt.Sprintf("%s: only in second (%s)", p, nb.Type))
+			out = append(out, fmt.Sprintf("%s: only in second (%s)", quote(p), nb.Type))
 		case !inB:
-			out = append(out, fmt.Sprintf("%s: only in first (%s)", p, na.Type))
+			out = append(out, fmt.Sprintf("%s: only in first (%s)", quote(p), na.Type))
 		default:
 			out = append(out, nodeDiff(p, na, nb)...)
 		}
@@ -205,10 +228,19 @@ func Diff(a, b Tree) []string {
 	return out
 }
 
+// quote shows a path with newlines, control characters or bytes that are
+// not UTF-8 as a Go string literal, so that one difference stays one line.
+func quote(p string) string {
+	if strconv.CanBackquote(p) && utf8.ValidString(p) {
+		return p
+	}
+	return strconv.Quote(p)
+}
+
 func nodeDiff(p string, a, b Node) []string {
 	var out []string
 	add := func(field string, x, y any) {
-		out = append(out, fmt.Sprintf("%s: %s %v != %v", p, field, x, y))
+		out = append(out, fmt.Sprintf("%s: %s %v != %v", quote(p), field, x, y))
 	}
 	if a.Type != b.Type {
 		add("type", a.Type, b.Type)
@@ -232,14 +264,17 @@ func nodeDiff(p string, a, b Node) []string {
 	if a.Rdev != b.Rdev {
 		add("device", a.Rdev, b.Rdev)
 	}
-	if fmt.Sprint(a.Xattrs) != fmt.Sprint(b.Xattrs) {
+	if !maps.Equal(a.Xattrs, b.Xattrs) {
 		add("xattrs", a.Xattrs, b.Xattrs)
 	}
 	if a.LinkSet != b.LinkSet {
 		add("hardlinks", a.LinkSet, b.LinkSet)
 	}
-	if a.Type != "dir" && a.Nlink != b.Nlink {
+	if a.Nlink != b.Nlink {
 		add("link count", a.Nlink, b.Nlink)
+	}
+	if a.Mtime != b.Mtime {
+		add("mtime", time.Unix(a.Mtime, 0).UTC().Format(time.RFC3339), time.Unix(b.Mtime, 0).UTC().Format(time.RFC3339))
 	}
 	return out
 }

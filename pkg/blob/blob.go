@@ -1,8 +1,13 @@
 // Package blob gives verified access to the chunks of a lazily read layer.
 // A chunk is a compressed byte range of the layer's blob with a digest in the
-// TOC; it comes from the local chunk cache or from a Fetcher (the registry,
-// or later the P2P peer), is decompressed, checked against its digest and
-// cached before anyone reads it.
+// TOC; it comes from the node's chunk store or from a Fetcher (the registry,
+// or the P2P peer), is decompressed, checked against its digest and stored
+// before anyone reads it.
+//
+// Reads a container waits on ("demand") fetch exactly the chunks that cover
+// them. Read-ahead starts after the demand it follows has arrived, prefetch
+// runs at once, and background fetch yields while any demand is waiting, so
+// nothing a reader did not ask for sits in front of its bytes.
 package blob
 
 import (
@@ -12,6 +17,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -21,10 +28,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sync/singleflight"
 
-	"github.com/starling-dev/starling/pkg/chunkcache"
-	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/toc"
 )
 
 // Fetcher reads byte ranges of one blob. It is the seam between chunk access
@@ -34,10 +39,15 @@ type Fetcher interface {
 	Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error)
 }
 
+// RangeReader is the part of a registry client that a RegistryFetcher needs.
+type RangeReader interface {
+	BlobRange(ctx context.Context, repo name.Repository, h v1.Hash, off, length int64) (io.ReadCloser, error)
+}
+
 // RegistryFetcher fetches ranges of a blob from a registry with the
 // registry client's auth, mirrors and retries.
 type RegistryFetcher struct {
-	Client *registry.Client
+	Client RangeReader
 	Repo   name.Repository
 	Digest v1.Hash
 }
@@ -47,27 +57,37 @@ func (f *RegistryFetcher) Fetch(ctx context.Context, off, length int64) (io.Read
 	return f.Client.BlobRange(ctx, f.Repo, f.Digest, off, length)
 }
 
+// Store holds verified, decompressed chunks by digest: one copy of a chunk
+// per node, whatever layers share it.
+type Store interface {
+	Has(digest string) bool
+	// ReadAt reads part of a stored chunk; ok is false when it is not
+	// stored (any more: a store may evict between Has and ReadAt).
+	ReadAt(digest string, p []byte, off int64) (n int, ok bool)
+	// Put stores bytes the caller verified against digest.
+	Put(digest string, data []byte) error
+}
+
+// FileStore is a Store whose chunks are files, so that a file whose bytes
+// are all local can be handed to the kernel (FUSE passthrough).
+type FileStore interface {
+	Store
+	// OpenFile opens the stored chunk, or ok=false.
+	OpenFile(digest string) (f *os.File, ok bool)
+	// PutFile stores size bytes written by fill under digest; fill's bytes
+	// are verified against digest before they are visible.
+	PutFile(digest string, size int64, fill func(io.Writer) error) error
+}
+
 // ErrVerify is returned when a chunk does not match its digest.
 var ErrVerify = errors.New("chunk does not match its digest")
 
-// Chunk is one verifiable unit of a layer.
-type Chunk struct {
-	Offset int64  // compressed offset of its stream in the blob
-	End    int64  // end of that compressed stream
-	Inner  int64  // offset of the chunk's bytes inside the decompressed stream
-	Size   int64  // uncompressed size
-	Digest string // sha256 of the uncompressed bytes
-}
+// ErrClosed is returned to reads of a layer that was closed (unmounted,
+// removed, daemon shutting down).
+var ErrClosed = errors.New("layer closed")
 
-// ChunkOf describes the chunk of a TOC entry returned by the estargz reader
-// (a "reg" entry or one of its "chunk" entries).
-func ChunkOf(e *estargz.TOCEntry, fileSize int64) Chunk {
-	size := e.ChunkSize
-	if size <= 0 {
-		size = fileSize - e.ChunkOffset
-	}
-	return Chunk{Offset: e.Offset, End: e.NextOffset(), Inner: e.InnerOffset, Size: size, Digest: e.ChunkDigest}
-}
+// Chunk is one verifiable unit of a layer.
+type Chunk = toc.Chunk
 
 // Stats counts what a Reader did.
 type Stats struct {
@@ -84,45 +104,161 @@ type Options struct {
 	Layer string
 	// Decompressor of the layer's format (gzip or zstd:chunked).
 	Decompressor estargz.Decompressor
-	// FetchTimeout bounds one fetch; a dead source gives an error, never a hang.
+	// FetchTimeout bounds getting a chunk, all attempts together: a dead or
+	// stalled source gives an error after this long, never a hang.
 	FetchTimeout time.Duration
+	// Attempts is how often one fetch is tried within FetchTimeout.
+	Attempts int
 	// MaxMerge bounds how many compressed bytes one request may cover when
 	// adjacent chunks are merged.
 	MaxMerge int64
-	Logger   *slog.Logger
+	// ReadAheadRequests bounds read-ahead fetches in flight; more are dropped.
+	ReadAheadRequests int
+	Logger            *slog.Logger
 }
 
-// Reader serves chunks of one blob. It is safe for concurrent use.
+// Reader serves chunks of one blob. It is safe for concurrent use. Close
+// ends every fetch and wait it owns.
 type Reader struct {
 	o       Options
 	fetcher Fetcher
-	cache   *chunkcache.Cache
-	sf      singleflight.Group
+	store   Store
 
-	inflightMu sync.Mutex
-	inflight   map[string]chan struct{} // chunk digest -> closed when its fetch ends
+	ctx    context.Context // the Reader's life: fetches run under it
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	raSem  chan struct{}
 
-	waiting atomic.Int32 // foreground reads waiting for a fetch
-	idle    *sync.Cond
-	idleMu  sync.Mutex
+	mu       sync.Mutex
+	inflight map[string]*fetch // chunk digest -> its fetch
+	demand   int               // demand reads waiting on fetches
+	idle     chan struct{}     // closed while demand == 0
+	// files being assembled for passthrough, by content digest
+	assembling map[string]bool
+	// spill holds verified chunks the store refused (full disk, quota
+	// taken by pinned chunks), so that the reads waiting on them get their
+	// bytes all the same; oldest first out past maxSpill bytes.
+	spill      map[string][]byte
+	spillOrder []string
+	spillBytes int64
 
 	fetchRequests, fetchedBytes, chunksFetched, cacheHits, verifyFailures atomic.Int64
 }
 
+// maxSpill bounds the verified chunks a Reader keeps in memory when the
+// store cannot take them.
+const maxSpill = 32 << 20
+
+// has reports whether a chunk's bytes are at hand, in the store or spilled.
+func (r *Reader) has(d string) bool {
+	if r.store.Has(d) {
+		return true
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	_, ok := r.spill[d]
+	return ok
+}
+
+func (r *Reader) hasLocked(d string) bool {
+	if r.store.Has(d) {
+		return true
+	}
+	_, ok := r.spill[d]
+	return ok
+}
+
+// readSpilled reads from a spilled chunk.
+func (r *Reader) readSpilled(d string, p []byte, off int64) (int, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	b, ok := r.spill[d]
+	if !ok || off > int64(len(b)) {
+		return 0, false
+	}
+	return copy(p, b[off:]), true
+}
+
+// keep holds a verified chunk that the store refused.
+func (r *Reader) keep(d string, data []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.spill == nil {
+		r.spill = map[string][]byte{}
+	}
+	if _, ok := r.spill[d]; ok {
+		return
+	}
+	r.spill[d] = data
+	r.spillOrder = append(r.spillOrder, d)
+	r.spillBytes += int64(len(data))
+	for r.spillBytes > maxSpill && len(r.spillOrder) > 1 {
+		old := r.spillOrder[0]
+		r.spillOrder = r.spillOrder[1:]
+		r.spillBytes -= int64(len(r.spill[old]))
+		delete(r.spill, old)
+	}
+}
+
+// fetch is one chunk on its way.
+type fetch struct {
+	done chan struct{}
+	err  error
+}
+
 // NewReader returns a Reader of the blob behind f.
-func NewReader(f Fetcher, cache *chunkcache.Cache, o Options) *Reader {
+func NewReader(f Fetcher, store Store, o Options) *Reader {
 	if o.FetchTimeout <= 0 {
 		o.FetchTimeout = 30 * time.Second
+	}
+	if o.Attempts <= 0 {
+		o.Attempts = 3
 	}
 	if o.MaxMerge <= 0 {
 		o.MaxMerge = 16 << 20
 	}
+	if o.ReadAheadRequests <= 0 {
+		o.ReadAheadRequests = 4
+	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	r := &Reader{o: o, fetcher: f, cache: cache, inflight: map[string]chan struct{}{}}
-	r.idle = sync.NewCond(&r.idleMu)
-	return r
+	ctx, cancel := context.WithCancel(context.Background())
+	idle := make(chan struct{})
+	close(idle)
+	return &Reader{
+		o: o, fetcher: f, store: store,
+		ctx: ctx, cancel: cancel,
+		raSem:    make(chan struct{}, o.ReadAheadRequests),
+		inflight: map[string]*fetch{},
+		idle:     idle,
+	}
+}
+
+// Close cancels every fetch of the Reader and waits for its goroutines.
+// Waiting reads return ErrClosed at once.
+func (r *Reader) Close() {
+	r.mu.Lock()
+	r.cancel()
+	r.mu.Unlock()
+	r.wg.Wait()
+}
+
+// goOwned runs f in a goroutine that Close waits for, unless the Reader is
+// closed already. Add happens under mu, after the check, so that no Add
+// races Close's Wait.
+func (r *Reader) goOwned(f func()) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ctx.Err() != nil {
+		return false
+	}
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		f()
+	}()
+	return true
 }
 
 // Stats returns the counters so far.
@@ -136,102 +272,200 @@ func (r *Reader) Stats() Stats {
 	}
 }
 
-// ReadAt reads from the uncompressed bytes of chunk c, at off within it,
-// fetching and verifying the chunk first if needed.
-func (r *Reader) ReadAt(ctx context.Context, c Chunk, p []byte, off int64) (int, error) {
-	if n, ok := r.cache.ReadAt(c.Digest, p, off); ok {
-		r.cacheHits.Add(1)
-		return n, nil
-	}
-	if err := r.Ensure(ctx, []Chunk{c}, true); err != nil {
-		return 0, err
-	}
-	if n, ok := r.cache.ReadAt(c.Digest, p, off); ok {
-		return n, nil
-	}
-	return 0, fmt.Errorf("layer %s chunk %s: vanished from the cache", r.o.Layer, c.Digest)
-}
-
-// Ensure makes every chunk of cs present in the cache. Missing chunks that
-// are adjacent in the blob are fetched in one request. Foreground calls
-// pause background ones.
-func (r *Reader) Ensure(ctx context.Context, cs []Chunk, foreground bool) error {
-	var missing []Chunk
-	seen := make(map[string]bool, len(cs))
+// Local reports whether every chunk of cs is stored.
+func (r *Reader) Local(cs []Chunk) bool {
 	for _, c := range cs {
-		if !seen[c.Digest] && !r.cache.Has(c.Digest) {
-			seen[c.Digest] = true
-			missing = append(missing, c)
+		if !r.store.Has(c.Digest) {
+			return false
 		}
 	}
-	if len(missing) == 0 {
-		return nil
-	}
-	if foreground {
-		r.waiting.Add(1)
-		defer func() {
-			if r.waiting.Add(-1) == 0 {
-				r.idle.Broadcast()
+	return true
+}
+
+// ReadAt reads from the uncompressed bytes of chunk c, at off within it,
+// fetching and verifying the chunk first if needed. A chunk evicted between
+// its fetch and this read is fetched again.
+func (r *Reader) ReadAt(ctx context.Context, c Chunk, p []byte, off int64) (int, error) {
+	for attempt := 0; ; attempt++ {
+		if n, ok := r.store.ReadAt(c.Digest, p, off); ok {
+			if attempt == 0 {
+				r.cacheHits.Add(1)
 			}
-		}()
+			return n, nil
+		}
+		if n, ok := r.readSpilled(c.Digest, p, off); ok {
+			return n, nil
+		}
+		if attempt == 3 {
+			return 0, fmt.Errorf("layer %s chunk %s: evicted from the chunk store as soon as it was fetched (store too small for the reads in flight?)", r.o.Layer, c.Digest)
+		}
+		if err := r.Ensure(ctx, []Chunk{c}); err != nil {
+			return 0, err
+		}
 	}
-	// Chunks another fetch (a prefetch, another read) is already bringing
-	// are waited for, not fetched twice.
-	var mine []Chunk
-	var waits []chan struct{}
-	r.inflightMu.Lock()
-	for _, c := range missing {
-		if ch, ok := r.inflight[c.Digest]; ok {
-			waits = append(waits, ch)
+}
+
+// Ensure makes every chunk of cs present in the store, for a reader that
+// waits on them: background fetching yields while it waits.
+func (r *Reader) Ensure(ctx context.Context, cs []Chunk) error {
+	r.mu.Lock()
+	if r.demand == 0 {
+		r.idle = make(chan struct{})
+	}
+	r.demand++
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		if r.demand--; r.demand == 0 {
+			close(r.idle)
+		}
+		r.mu.Unlock()
+	}()
+	return r.ensure(ctx, cs)
+}
+
+// Prefetch fetches cs for no reader in particular (the prioritized region,
+// background fetch). Readers that need one of them wait for it instead of
+// fetching it again.
+func (r *Reader) Prefetch(ctx context.Context, cs []Chunk) error { return r.ensure(ctx, cs) }
+
+// ReadAhead starts fetching cs without waiting for them. Read-ahead beyond
+// ReadAheadRequests in flight is dropped: it is a guess, not a need.
+func (r *Reader) ReadAhead(cs []Chunk) {
+	if len(cs) == 0 || r.Local(cs) {
+		return
+	}
+	select {
+	case r.raSem <- struct{}{}:
+	default:
+		return
+	}
+	ok := r.goOwned(func() {
+		defer func() { <-r.raSem }()
+		defer r.recoverInto("read-ahead")
+		// Errors were logged by the fetch; a read that needs these chunks
+		// will try again.
+		_ = r.ensure(r.ctx, cs)
+	})
+	if !ok {
+		<-r.raSem
+	}
+}
+
+// WaitIdle blocks while demand reads are waiting for fetches, so that
+// background fetching yields to a container waiting on a read.
+func (r *Reader) WaitIdle(ctx context.Context) error {
+	r.mu.Lock()
+	ch := r.idle
+	r.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-r.ctx.Done():
+		return ErrClosed
+	}
+}
+
+// ensure claims the missing chunks of cs that nobody fetches yet, starts
+// their fetch, and waits for all of cs. A chunk whose fetch by someone else
+// failed is claimed and fetched again, a bounded number of times.
+func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
+	var lastErr error
+	for round := 0; round < 3; round++ {
+		var waits []*fetch
+		var mine []Chunk
+		seen := make(map[string]bool, len(cs))
+		r.mu.Lock()
+		if r.ctx.Err() != nil {
+			r.mu.Unlock()
+			return fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed)
+		}
+		for _, c := range cs {
+			if seen[c.Digest] {
+				continue
+			}
+			seen[c.Digest] = true
+			if f, ok := r.inflight[c.Digest]; ok {
+				waits = append(waits, f)
+				continue
+			}
+			if r.hasLocked(c.Digest) {
+				continue
+			}
+			f := &fetch{done: make(chan struct{})}
+			r.inflight[c.Digest] = f
+			waits = append(waits, f)
+			mine = append(mine, c)
+		}
+		r.mu.Unlock()
+		if len(waits) == 0 {
+			return nil
+		}
+		r.start(mine)
+		failed := false
+		for _, f := range waits {
+			select {
+			case <-f.done:
+				if f.err != nil {
+					failed, lastErr = true, f.err
+				}
+			case <-ctx.Done():
+				return fmt.Errorf("layer %s: %w", r.o.Layer, ctx.Err())
+			case <-r.ctx.Done():
+				return fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed)
+			}
+		}
+		if !failed {
+			return nil
+		}
+		if errors.Is(lastErr, ErrClosed) || ctx.Err() != nil {
+			return lastErr
+		}
+		// Our own fetches already tried Attempts times; only retry chunks
+		// that someone else's fetch failed to bring.
+		if len(mine) == len(waits) {
+			return lastErr
+		}
+	}
+	return lastErr
+}
+
+// start fetches claimed chunks in Reader-owned goroutines, one per run of
+// adjacent chunks, so that no caller's cancellation cuts a fetch others
+// wait on, and Close ends them all.
+func (r *Reader) start(mine []Chunk) {
+	if len(mine) == 0 {
+		return
+	}
+	sort.Slice(mine, func(i, j int) bool {
+		if mine[i].Offset != mine[j].Offset {
+			return mine[i].Offset < mine[j].Offset
+		}
+		return mine[i].Inner < mine[j].Inner
+	})
+	for _, g := range r.groups(mine) {
+		if !r.goOwned(func() { r.finish(g, r.fetchGroup(g)) }) {
+			r.finish(g, fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed))
+		}
+	}
+}
+
+// finish releases the claims of g with the outcome of its fetch.
+func (r *Reader) finish(g []Chunk, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range g {
+		f, ok := r.inflight[c.Digest]
+		if !ok {
 			continue
 		}
-		r.inflight[c.Digest] = make(chan struct{})
-		mine = append(mine, c)
-	}
-	r.inflightMu.Unlock()
-	defer func() {
-		r.inflightMu.Lock()
-		for _, c := range mine {
-			if ch, ok := r.inflight[c.Digest]; ok {
-				close(ch)
-				delete(r.inflight, c.Digest)
-			}
+		delete(r.inflight, c.Digest)
+		if err != nil && !r.hasLocked(c.Digest) {
+			f.err = err
 		}
-		r.inflightMu.Unlock()
-	}()
-	sort.Slice(mine, func(i, j int) bool { return mine[i].Offset < mine[j].Offset })
-	for _, g := range r.groups(mine) {
-		if err := r.fetchGroup(ctx, g); err != nil {
-			return err
-		}
-	}
-	for _, ch := range waits {
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	// What the other fetch failed to bring, fetch now.
-	var left []Chunk
-	for _, c := range missing {
-		if !r.cache.Has(c.Digest) {
-			left = append(left, c)
-		}
-	}
-	if len(left) > 0 && len(waits) > 0 {
-		return r.Ensure(ctx, left, foreground)
-	}
-	return nil
-}
-
-// WaitIdle blocks while foreground reads are waiting for fetches, so that
-// background fetching yields to a container waiting on a read.
-func (r *Reader) WaitIdle(ctx context.Context) {
-	r.idleMu.Lock()
-	defer r.idleMu.Unlock()
-	for r.waiting.Load() > 0 && ctx.Err() == nil {
-		r.idle.Wait()
+		close(f.done)
 	}
 }
 
@@ -242,11 +476,9 @@ func (r *Reader) groups(cs []Chunk) [][]Chunk {
 	var cur []Chunk
 	var start, end int64
 	for _, c := range cs {
-		if len(cur) > 0 && c.Offset <= end && c.End-start <= r.o.MaxMerge {
+		if len(cur) > 0 && c.Offset <= end && max(c.End, end)-start <= r.o.MaxMerge {
 			cur = append(cur, c)
-			if c.End > end {
-				end = c.End
-			}
+			end = max(end, c.End)
 			continue
 		}
 		if len(cur) > 0 {
@@ -260,60 +492,97 @@ func (r *Reader) groups(cs []Chunk) [][]Chunk {
 	return out
 }
 
-func (r *Reader) fetchGroup(ctx context.Context, g []Chunk) error {
+// fetchGroup gets one run of chunks, retrying within FetchTimeout. It logs
+// one line when it gives up.
+func (r *Reader) fetchGroup(g []Chunk) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.o.Logger.Error("panic in layer fetch", "layer", r.o.Layer, "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("layer %s chunk %s: internal error: %v", r.o.Layer, g[0].Digest, p)
+		}
+	}()
 	start, end := g[0].Offset, g[0].End
 	for _, c := range g {
-		if c.End > end {
-			end = c.End
+		end = max(end, c.End)
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, r.o.FetchTimeout)
+	defer cancel()
+	verifyFailures := 0
+	for attempt := 1; ; attempt++ {
+		err = r.fetchOnce(ctx, g, start, end)
+		if err == nil {
+			return nil
+		}
+		if r.ctx.Err() != nil {
+			return fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed)
+		}
+		if errors.Is(err, ErrVerify) {
+			// A chunk that does not match may be corrupted on the way;
+			// fetch once more before giving up.
+			if verifyFailures++; verifyFailures >= 2 {
+				break
+			}
+		}
+		if attempt >= r.o.Attempts || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
 		}
 	}
-	key := fmt.Sprintf("%d-%d", start, end)
-	_, err, _ := r.sf.Do(key, func() (any, error) {
-		var err error
-		for attempt := 0; attempt < 2; attempt++ {
-			if err = r.fetchOnce(ctx, g, start, end); !errors.Is(err, ErrVerify) {
-				return nil, err
-			}
-			// A chunk that does not match may be a transient corruption on
-			// the way; fetch once more before giving up.
-		}
-		return nil, err
-	})
+	r.o.Logger.Error("chunk fetch failed", "layer", r.o.Layer, "chunk", g[0].Digest, "chunks", len(g),
+		"bytes", fmt.Sprintf("%d-%d", start, end-1), "err", err)
 	return err
 }
 
+// fetchOnce makes one request for [start,end) and stores each chunk as soon
+// as its bytes have arrived, so that a reader of the first chunk of a long
+// run does not wait for the rest.
 func (r *Reader) fetchOnce(ctx context.Context, g []Chunk, start, end int64) error {
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.o.FetchTimeout)
-	defer cancel()
 	r.fetchRequests.Add(1)
-	rc, err := r.fetcher.Fetch(fctx, start, end-start)
+	rc, err := r.fetcher.Fetch(ctx, start, end-start)
 	if err != nil {
-		return fmt.Errorf("fetch bytes %d-%d of layer %s: %w", start, end-1, r.o.Layer, err)
+		return fmt.Errorf("layer %s chunk %s: fetch bytes %d-%d: %w", r.o.Layer, g[0].Digest, start, end-1, err)
 	}
+	defer rc.Close()
 	buf := make([]byte, end-start)
-	n, err := io.ReadFull(rc, buf)
-	rc.Close()
-	r.fetchedBytes.Add(int64(n))
-	if err != nil {
-		return fmt.Errorf("fetch bytes %d-%d of layer %s: %w", start, end-1, r.o.Layer, err)
-	}
-	for _, c := range g {
-		if r.cache.Has(c.Digest) {
+	have := int64(0)
+	for i, c := range g {
+		if need := c.End - start; need > have {
+			n, err := io.ReadFull(rc, buf[have:need])
+			have += int64(n)
+			r.fetchedBytes.Add(int64(n))
+			if err != nil {
+				return fmt.Errorf("layer %s chunk %s: fetch bytes %d-%d: %w", r.o.Layer, c.Digest, start, end-1, err)
+			}
+		}
+		if r.has(c.Digest) {
 			continue
 		}
 		data, err := r.decode(buf[c.Offset-start:c.End-start], c)
 		if err != nil {
 			return err
 		}
-		if err := r.cache.Put(c.Digest, data); err != nil {
-			return fmt.Errorf("layer %s chunk %s: %w", r.o.Layer, c.Digest, err)
+		if err := r.store.Put(c.Digest, data); err != nil {
+			// The bytes are verified: the readers waiting on them get them
+			// even though the store (a full disk, a quota held by chunks
+			// in use) cannot keep them.
+			r.o.Logger.Warn("chunk not cached, served from memory", "layer", r.o.Layer, "chunk", c.Digest, "err", err)
+			r.keep(c.Digest, data)
 		}
 		r.chunksFetched.Add(1)
+		// Wake the readers of this chunk now rather than at the end of the run.
+		r.finish(g[i:i+1], nil)
 	}
 	return nil
 }
 
 // decode decompresses a chunk's stream, cuts the chunk out and verifies it.
+// The TOC's limits bound Inner and Size, so the work is bounded too.
 func (r *Reader) decode(stream []byte, c Chunk) ([]byte, error) {
 	dr, err := r.o.Decompressor.Reader(bytes.NewReader(stream))
 	if err != nil {
@@ -340,6 +609,87 @@ func (r *Reader) decode(stream []byte, c Chunk) ([]byte, error) {
 func (r *Reader) verifyFailed(c Chunk, cause error) error {
 	r.verifyFailures.Add(1)
 	metricVerifyFailures.Inc()
-	r.o.Logger.Error("chunk verification failed", "layer", r.o.Layer, "chunk", c.Digest, "offset", c.Offset, "err", cause)
+	r.o.Logger.Warn("chunk verification failed", "layer", r.o.Layer, "chunk", c.Digest, "offset", c.Offset, "err", cause)
 	return fmt.Errorf("layer %s chunk %s at %d: %w: %v", r.o.Layer, c.Digest, c.Offset, ErrVerify, cause)
+}
+
+// recoverInto turns a panic of a Reader goroutine into a logged error: a
+// bug or a hostile layer must not take the daemon down with it.
+func (r *Reader) recoverInto(what string) {
+	if p := recover(); p != nil {
+		r.o.Logger.Error("panic in layer "+what, "layer", r.o.Layer, "panic", p, "stack", string(debug.Stack()))
+	}
+}
+
+// LocalFile opens a regular file's whole contents as one local file, when
+// every byte of it is stored: the kernel can then serve it directly (FUSE
+// passthrough). A one-chunk file is its chunk; a longer file is assembled
+// once from its chunks, checked against the file's digest, and stored under
+// it. ok is false when the store cannot do this or bytes are missing.
+func (r *Reader) LocalFile(e *toc.Entry) (f *os.File, ok bool) {
+	fs, isFS := r.store.(FileStore)
+	if !isFS || e.Type != "reg" || e.Size == 0 || len(e.Chunks) == 0 {
+		return nil, false
+	}
+	if len(e.Chunks) == 1 && e.Chunks[0].Inner == 0 && e.Chunks[0].Size == e.Size {
+		return fs.OpenFile(e.Chunks[0].Digest)
+	}
+	if e.Digest == "" {
+		return nil, false
+	}
+	if f, ok := fs.OpenFile(e.Digest); ok {
+		return f, true
+	}
+	if !r.Local(e.Chunks) {
+		return nil, false
+	}
+	// Assembling a large file takes a while: do it once, in the
+	// background, and serve this open through FUSE reads meanwhile.
+	r.mu.Lock()
+	if r.assembling == nil {
+		r.assembling = map[string]bool{}
+	}
+	busy := r.assembling[e.Digest] || r.ctx.Err() != nil
+	r.assembling[e.Digest] = true
+	r.mu.Unlock()
+	if busy {
+		return nil, false
+	}
+	r.goOwned(func() {
+		defer r.recoverInto("file assembly")
+		err := fs.PutFile(e.Digest, e.Size, func(w io.Writer) error {
+			var buf []byte
+			for _, c := range e.Chunks {
+				if r.ctx.Err() != nil {
+					return ErrClosed
+				}
+				if int64(cap(buf)) < c.Size {
+					buf = make([]byte, c.Size)
+				}
+				b := buf[:c.Size]
+				n, ok := r.store.ReadAt(c.Digest, b, 0)
+				if !ok || int64(n) != c.Size {
+					return fmt.Errorf("chunk %s left the store", c.Digest)
+				}
+				if _, err := w.Write(b); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			r.o.Logger.Debug("file not assembled for passthrough", "layer", r.o.Layer, "file", e.Name, "err", err)
+		}
+		r.mu.Lock()
+		delete(r.assembling, e.Digest)
+		r.mu.Unlock()
+	})
+	return nil, false
+}
+
+// waitingDemand is the number of demand reads waiting (tests).
+func (r *Reader) waitingDemand() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.demand
 }

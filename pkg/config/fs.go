@@ -45,7 +45,7 @@ func DefaultFS() FS {
 		CacheSize:            20 << 30,
 		TailFetchSize:        256 << 10,
 		MaxTOCSize:           64 << 20,
-		MaxTOCEntries:        1 << 20,
+		MaxTOCEntries:        1 << 18,
 		MaxChunkSize:         64 << 20,
 		Passthrough:          true,
 	}

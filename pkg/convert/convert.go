@@ -4,16 +4,20 @@
 package convert
 
 import (
+	"archive/tar"
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
+	"log/slog"
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
+	"unicode/utf8"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
@@ -63,6 +67,8 @@ type Options struct {
 	WorkDir string
 	// Progress shows per-layer progress (nil: none).
 	Progress *progress.Progress
+	// Logger receives warnings about layers left as they were (nil: slog.Default()).
+	Logger *slog.Logger
 }
 
 // LayerResult describes one converted layer.
@@ -76,6 +82,9 @@ type LayerResult struct {
 	UncompressedSize int64   `json:"uncompressed_size"`
 	TOCDigest        string  `json:"toc_digest"`
 	Kept             bool    `json:"kept"` // already eStargz, reused as it was
+	// NotLazy says why the layer was left in its original format: it will
+	// be downloaded and unpacked, never mounted lazily. Empty when converted.
+	NotLazy string `json:"not_lazy,omitempty"`
 }
 
 // ImageResult describes one converted image.
@@ -111,6 +120,9 @@ type Converter struct {
 func New(opts Options) *Converter {
 	if opts.Jobs <= 0 {
 		opts.Jobs = runtime.GOMAXPROCS(0)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
 	}
 	return &Converter{opts: opts}
 }
@@ -280,6 +292,10 @@ func (c *Converter) layer(ctx context.Context, name string, i, n int, l v1.Layer
 	if task != nil {
 		task.Done(err)
 	}
+	if err == nil && res.NotLazy != "" {
+		c.opts.Logger.Warn("layer left as it was, it will not mount lazily", "image", name,
+			"layer", fmt.Sprintf("%d/%d %s", i+1, n, desc.Digest), "reason", res.NotLazy)
+	}
 	return out, res, annos, err
 }
 
@@ -295,6 +311,16 @@ func (c *Converter) layerInner(ctx context.Context, l v1.Layer, desc v1.Descript
 	}
 	sr := io.NewSectionReader(src, 0, st.Size())
 
+	// A name the TOC cannot hold would show differently in a lazy mount
+	// than in an unpacked layer; such a layer stays as it is, and one that
+	// is eStargz already loses its TOC annotation.
+	bad, err := unrepresentable(sr)
+	if err != nil {
+		return nil, res, nil, err
+	}
+	if bad != "" {
+		return c.keepOriginal(desc, src.Name(), sr, res, bad)
+	}
 	if kept, r, annos, ok := c.keepIfLazy(desc, src.Name(), sr, res); ok {
 		return kept, r, annos, nil
 	}
@@ -413,9 +439,95 @@ func (c *Converter) keepIfLazy(desc v1.Descriptor, path string, sr *io.SectionRe
 	return l, res, annos, true
 }
 
+// keepOriginal returns the layer as it came, to be downloaded and unpacked
+// as an ordinary layer, with why in res.NotLazy.
+func (c *Converter) keepOriginal(desc v1.Descriptor, path string, sr *io.SectionReader, res LayerResult, why string) (v1.Layer, LayerResult, map[string]string, error) {
+	usize, diffID, err := uncompressedInfo(sr, desc.MediaType)
+	if err != nil {
+		return nil, res, nil, fmt.Errorf("read layer: %w", err)
+	}
+	l, err := fileLayer(path, desc.Digest, diffID, sr.Size(), desc.MediaType)
+	if err != nil {
+		return nil, res, nil, err
+	}
+	res.Digest = desc.Digest
+	res.MediaType = string(desc.MediaType)
+	res.Size = sr.Size()
+	res.UncompressedSize = usize
+	res.NotLazy = why
+	annos := map[string]string{}
+	for k, v := range desc.Annotations {
+		switch k {
+		case TOCDigestAnnotation, UncompressedSizeAnnotation,
+			zstdchunked.ManifestChecksumAnnotation, zstdchunked.ManifestPositionAnnotation:
+			// What would make a snapshotter mount it lazily.
+		default:
+			annos[k] = v
+		}
+	}
+	return l, res, annos, nil
+}
+
+// unrepresentable says which entry of a layer a TOC cannot represent
+// exactly, or "" when it can hold them all. A TOC is JSON: encoding/json
+// writes every byte that is not UTF-8 as U+FFFD, so a name, link target or
+// xattr name that is not valid UTF-8 would come back as another name.
+func unrepresentable(sr *io.SectionReader) (string, error) {
+	r, closer, err := decompressed(io.NewSectionReader(sr, 0, sr.Size()))
+	if err != nil {
+		return "", fmt.Errorf("read layer: %w", err)
+	}
+	defer closer()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return "", nil
+		}
+		if err != nil {
+			return "", fmt.Errorf("read layer: %w", err)
+		}
+		switch {
+		case !utf8.ValidString(h.Name):
+			return fmt.Sprintf("entry %q: name is not UTF-8, which a TOC cannot hold", h.Name), nil
+		case !utf8.ValidString(h.Linkname):
+			return fmt.Sprintf("entry %q: link target %q is not UTF-8, which a TOC cannot hold", h.Name, h.Linkname), nil
+		}
+		for k := range h.PAXRecords {
+			if strings.HasPrefix(k, "SCHILY.xattr.") && !utf8.ValidString(k) {
+				return fmt.Sprintf("entry %q: xattr name %q is not UTF-8, which a TOC cannot hold", h.Name, strings.TrimPrefix(k, "SCHILY.xattr.")), nil
+			}
+		}
+	}
+}
+
+// decompressed reads a layer blob as tar, whatever its compression (gzip,
+// zstd or none), told by its first bytes as estargz.Build tells it.
+func decompressed(sr *io.SectionReader) (io.Reader, func(), error) {
+	var magic [4]byte
+	n, _ := sr.ReadAt(magic[:], 0)
+	switch {
+	case n >= 2 && magic[0] == 0x1f && magic[1] == 0x8b:
+		gr, err := kgzip.NewReader(sr)
+		if err != nil {
+			return nil, nil, err
+		}
+		return gr, func() { gr.Close() }, nil
+	case n == 4 && magic == [4]byte{0x28, 0xb5, 0x2f, 0xfd}:
+		zr, err := zstd.NewReader(sr)
+		if err != nil {
+			return nil, nil, err
+		}
+		return zr, zr.Close, nil
+	}
+	return sr, func() {}, nil
+}
+
 func uncompressedInfo(sr *io.SectionReader, mt types.MediaType) (int64, v1.Hash, error) {
 	var r io.Reader
 	switch mt {
+	case types.OCIUncompressedLayer, types.DockerUncompressedLayer:
+		r = io.NewSectionReader(sr, 0, sr.Size())
 	case types.OCILayerZStd:
 		zr, err := zstd.NewReader(io.NewSectionReader(sr, 0, sr.Size()))
 		if err != nil {

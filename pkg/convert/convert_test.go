@@ -1,16 +1,23 @@
 package convert
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 
@@ -229,5 +236,97 @@ func TestPrioritizedFilesComeFirst(t *testing.T) {
 	bb, _ := r.Lookup("bin/busybox")
 	if bb.Offset >= lm.Offset {
 		t.Fatalf("busybox at %d, after the landmark at %d", bb.Offset, lm.Offset)
+	}
+}
+
+// TestNonUTF8LayerLeftAsItWas: a layer with a name, link target or xattr
+// name that is not UTF-8 cannot have a TOC that names it exactly, so it is
+// left as it came (and will be unpacked, not mounted lazily), with a warning
+// naming layer and entry; the other layers of the image are converted.
+func TestNonUTF8LayerLeftAsItWas(t *testing.T) {
+	plain := testimage.Layer{{Name: "ok/", Type: tar.TypeDir, Mode: 0o755}, {Name: "ok/f", Type: tar.TypeReg, Mode: 0o644, Data: []byte("fine\n")}}
+	target := testimage.Layer{{Name: "l", Type: tar.TypeSymlink, Mode: 0o777, Link: "caf\xe9"}}
+	xattr := testimage.Layer{{Name: "x", Type: tar.TypeReg, Mode: 0o644, Data: []byte("x"), Xattrs: map[string]string{"user.\xff": "v"}}}
+	img, err := testimage.Image(plain, testimage.NonUTF8Layer(), target, xattr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcM, _ := img.Manifest()
+	srcCfg, _ := img.ConfigFile()
+	for _, zstd := range []bool{false, true} {
+		var logBuf bytes.Buffer
+		c := New(Options{WorkDir: t.TempDir(), ZstdChunked: zstd, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
+		out, res, err := c.Image(context.Background(), "nonutf8", img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, _ := out.Manifest()
+		cfg, _ := out.ConfigFile()
+		if res.Layers[0].NotLazy != "" || m.Layers[0].Annotations[TOCDigestAnnotation] == "" {
+			t.Errorf("zstd %v: the UTF-8 layer was not converted: %+v", zstd, res.Layers[0])
+		}
+		for i, want := range map[int]string{1: `entry "nonutf8/latin1-caf\xe9": name is not UTF-8`, 2: `link target "caf\xe9" is not UTF-8`, 3: `xattr name "user.\xff" is not UTF-8`} {
+			l := res.Layers[i]
+			if !strings.Contains(l.NotLazy, want) {
+				t.Errorf("zstd %v layer %d: reason %q, want %q", zstd, i, l.NotLazy, want)
+			}
+			if l.Digest != srcM.Layers[i].Digest || m.Layers[i].Digest != srcM.Layers[i].Digest || m.Layers[i].MediaType != types.OCILayer {
+				t.Errorf("zstd %v layer %d: not the original: %+v, manifest %+v", zstd, i, l, m.Layers[i])
+			}
+			if _, ok := m.Layers[i].Annotations[TOCDigestAnnotation]; ok {
+				t.Errorf("zstd %v layer %d: a TOC annotation on a layer without TOC", zstd, i)
+			}
+			if cfg.RootFS.DiffIDs[i] != srcCfg.RootFS.DiffIDs[i] {
+				t.Errorf("zstd %v layer %d: diff ID %s, source %s", zstd, i, cfg.RootFS.DiffIDs[i], srcCfg.RootFS.DiffIDs[i])
+			}
+			if !strings.Contains(logBuf.String(), srcM.Layers[i].Digest.String()) {
+				t.Errorf("zstd %v layer %d: no warning naming it:\n%s", zstd, i, logBuf.String())
+			}
+		}
+		if !strings.Contains(logBuf.String(), "level=WARN") || !strings.Contains(logBuf.String(), `latin1-caf\\xe9`) {
+			t.Errorf("zstd %v: warning does not name the entry:\n%s", zstd, logBuf.String())
+		}
+		_ = c.Close()
+	}
+}
+
+// TestNonUTF8EStargzLosesTOCAnnotation: a layer that is eStargz already but
+// whose TOC mangled a name is not kept as a lazy layer: it keeps its bytes
+// and loses the annotations that would make it mount lazily.
+func TestNonUTF8EStargzLosesTOCAnnotation(t *testing.T) {
+	tb, err := testimage.NonUTF8Layer().Tar()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := estargz.Build(io.NewSectionReader(bytes.NewReader(tb), 0, int64(len(tb))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	esgz, err := io.ReadAll(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob.Close()
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(esgz)), nil }, tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := mutate.Append(empty.Image, mutate.Addendum{Layer: l, MediaType: types.OCILayer,
+		Annotations: map[string]string{TOCDigestAnnotation: blob.TOCDigest().String(), "keep.me": "yes"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(Options{WorkDir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer c.Close()
+	out, res, err := c.Image(context.Background(), "esgz-nonutf8", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, _ := out.Manifest()
+	if res.Layers[0].Kept || res.Layers[0].NotLazy == "" {
+		t.Fatalf("layer result %+v", res.Layers[0])
+	}
+	if a := m.Layers[0].Annotations; a[TOCDigestAnnotation] != "" || a["keep.me"] != "yes" {
+		t.Fatalf("annotations %v", a)
 	}
 }

@@ -181,19 +181,5 @@ func BlobReaderAt(ctx context.Context, c *registry.Client, r Ref, h v1.Hash) (io
 		}
 		return f, f.Close, nil
 	}
-	return &remoteReaderAt{ctx: ctx, c: c, repo: r.Remote.Context(), h: h}, func() error { return nil }, nil
-}
-
-type remoteReaderAt struct {
-	ctx  context.Context
-	c    *registry.Client
-	repo name.Repository
-	h    v1.Hash
-}
-
-func (r *remoteReaderAt) ReadAt(p []byte, off int64) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	return r.c.ReadBlobAt(r.ctx, r.repo, r.h, p, off)
+	return c.NewBlobReaderAt(ctx, r.Remote.Context(), h), func() error { return nil }, nil
 }

@@ -42,10 +42,15 @@ func pushConverted(t *testing.T, c *registry.Client, repo string, img v1.Image) 
 
 func newManager(t *testing.T, c *registry.Client, fs config.FS) *layer.Manager {
 	t.Helper()
-	m, err := layer.NewManager(layer.Options{Root: t.TempDir(), Client: c, FS: fs})
+	m, err := layer.NewManager(layer.Options{Root: t.TempDir(), Registry: c, FS: fs})
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	return m
 }
 

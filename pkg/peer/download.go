@@ -117,7 +117,7 @@ func (p *Peer) register(ctx context.Context, r Request, length, psize int64) (in
 	if !up {
 		return 0, 0, false
 	}
-	addr, cl := p.sched.pick(r.TaskID)
+	addr, cl := p.sched.Pick(r.TaskID)
 	if cl == nil {
 		return 0, 0, false
 	}

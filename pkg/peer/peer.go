@@ -201,7 +201,7 @@ func (p *Peer) Close() error {
 	}
 	p.wg.Wait()
 	if p.sched != nil {
-		p.sched.close()
+		_ = p.sched.Close()
 	}
 	return p.store.Close()
 }

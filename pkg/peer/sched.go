@@ -9,10 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/starling-dev/starling/api/schedulerpb"
 	"github.com/starling-dev/starling/pkg/scheduler"
 )
@@ -22,52 +18,25 @@ import (
 // is better off going to the origin.
 const callTimeout = 3 * time.Second
 
-// schedClient talks to the configured schedulers; a task's scheduler is
-// picked by rendezvous hashing of its ID, so schedulers share nothing.
+// schedClient is the peer's side of the scheduler protocol: heartbeats,
+// holdings, and the work a scheduler gives a seed.
 type schedClient struct {
-	p     *Peer
-	addrs []string
+	*Schedulers
+	p *Peer
 
 	mu      sync.Mutex
-	clients map[string]schedulerpb.SchedulerClient
-	conns   []*grpc.ClientConn
 	synced  map[string]bool // schedulers that have our full holdings
 	up      bool
 	working map[string]bool // seed work being done
 }
 
 func newSchedClient(p *Peer, addrs []string) *schedClient {
-	c := &schedClient{p: p, addrs: addrs, clients: map[string]schedulerpb.SchedulerClient{},
-		synced: map[string]bool{}, working: map[string]bool{}, up: true}
-	for _, a := range addrs {
-		// A short reconnect backoff, so peers come back to a restarted
-		// scheduler within seconds rather than gRPC's default two minutes.
-		conn, err := grpc.Dial(a,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithConnectParams(grpc.ConnectParams{
-				Backoff:           backoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
-				MinConnectTimeout: 2 * time.Second,
-			}))
-		if err != nil {
-			p.log.Error("scheduler address", "scheduler", a, "err", err)
-			continue
-		}
-		c.conns = append(c.conns, conn)
-		c.clients[a] = schedulerpb.NewSchedulerClient(conn)
+	s, err := DialSchedulers(addrs)
+	if err != nil {
+		// The others still serve; the announce loop reports the missing one.
+		p.log.Error("scheduler address", "err", err)
 	}
-	return c
-}
-
-func (c *schedClient) close() {
-	for _, conn := range c.conns {
-		conn.Close()
-	}
-}
-
-// pick returns the scheduler of a task.
-func (c *schedClient) pick(taskID string) (string, schedulerpb.SchedulerClient) {
-	a := scheduler.Pick(taskID, c.addrs)
-	return a, c.clients[a]
+	return &schedClient{Schedulers: s, p: p, synced: map[string]bool{}, working: map[string]bool{}, up: true}
 }
 
 // setUp records whether the schedulers answer, logging the changes.
@@ -147,7 +116,7 @@ func (c *schedClient) announceLoop(ctx context.Context) {
 // announce is the heartbeat to one scheduler; a scheduler that does not
 // know the peer (it restarted) gets the full list of what the peer holds.
 func (c *schedClient) announce(ctx context.Context, addr string) error {
-	cl := c.clients[addr]
+	cl := c.Client(addr)
 	if cl == nil {
 		return fmt.Errorf("scheduler %s: no client", addr)
 	}
@@ -237,7 +206,7 @@ func (c *schedClient) startWork(w *schedulerpb.Work) {
 }
 
 func (c *schedClient) leave(ctx context.Context) {
-	for a, cl := range c.clients {
+	for a, cl := range c.Schedulers.clients {
 		if _, err := cl.Leave(ctx, &schedulerpb.LeaveRequest{PeerId: c.p.id}); err != nil {
 			c.p.log.Debug("leave", "scheduler", a, "err", err)
 		}

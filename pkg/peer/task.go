@@ -312,7 +312,7 @@ func (t *task) dispatch(batch []int) {
 }
 
 func (t *task) schedule(batch []int) (*schedulerpb.ScheduleResponse, error) {
-	addr, cl := t.p.sched.pick(t.id)
+	addr, cl := t.p.sched.Pick(t.id)
 	if cl == nil {
 		return nil, fmt.Errorf("no client for scheduler %s", addr)
 	}
@@ -461,7 +461,7 @@ func (t *task) report(n int, digest string) {
 	if c == nil {
 		return
 	}
-	addr, cl := c.pick(t.id)
+	addr, cl := c.Pick(t.id)
 	if cl == nil {
 		return
 	}
@@ -483,7 +483,7 @@ func (t *task) reportBad(parent string) {
 	if c == nil {
 		return
 	}
-	_, cl := c.pick(t.id)
+	_, cl := c.Pick(t.id)
 	if cl == nil {
 		return
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net"
 	"strings"
+
+	"github.com/starling-dev/starling/pkg/registry"
 )
 
 // DefaultHosts is the hosts directory name containerd 1.7 and newer read
@@ -39,7 +41,7 @@ func RegistryServer(host string, scheme func(string) string) string {
 		return "https://" + dockerHub
 	}
 	if scheme == nil {
-		scheme = defaultScheme
+		scheme = func(host string) string { return registry.Config{}.Endpoint(host).Scheme() }
 	}
 	return scheme(host) + "://" + host
 }

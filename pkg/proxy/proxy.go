@@ -75,27 +75,10 @@ func FromConfig(c config.Proxy, resolver registry.Config) Options {
 		DefaultRegistry: c.DefaultRegistry,
 		Prefetch:        c.Prefetch,
 		QueryFilters:    c.QueryFilters,
-		Scheme: func(host string) string {
-			if h, ok := resolver.Host[host]; ok && h.Insecure {
-				return "http"
-			}
-			return defaultScheme(host)
-		},
+		// The one per-host policy of pkg/registry: loopback, insecure
+		// hosts and mirrors are plain HTTP.
+		Scheme: func(host string) string { return resolver.Endpoint(host).Scheme() },
 	}
-}
-
-func defaultScheme(host string) string {
-	h := host
-	if hh, _, err := net.SplitHostPort(host); err == nil {
-		h = hh
-	}
-	if h == "localhost" {
-		return "http"
-	}
-	if ip := net.ParseIP(strings.Trim(h, "[]")); ip != nil && ip.IsLoopback() {
-		return "http"
-	}
-	return "https"
 }
 
 // Proxy is the proxy and mirror; it is an http.Handler.
@@ -126,7 +109,7 @@ func New(o Options, p *peer.Peer) (*Proxy, error) {
 		o.QueryFilters = taskid.DefaultFilters
 	}
 	if o.Scheme == nil {
-		o.Scheme = defaultScheme
+		o.Scheme = func(host string) string { return registry.Config{}.Endpoint(host).Scheme() }
 	}
 	if o.Transport == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()

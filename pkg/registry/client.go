@@ -28,7 +28,6 @@ import (
 // Client talks to registries. It is safe for concurrent use.
 type Client struct {
 	cfg       Config
-	plainHTTP bool
 	keychain  authn.Keychain
 	userAgent string
 	base      http.RoundTripper
@@ -46,7 +45,9 @@ const mirrorDownFor = 30 * time.Second
 type Option func(*Client)
 
 // WithPlainHTTP reaches every registry over plain HTTP (the CLI's --plain-http).
-func WithPlainHTTP(on bool) Option { return func(c *Client) { c.plainHTTP = on } }
+func WithPlainHTTP(on bool) Option {
+	return func(c *Client) { c.cfg.PlainHTTP = c.cfg.PlainHTTP || on }
+}
 
 // WithKeychain replaces the default keychain (~/.docker/config.json, $DOCKER_CONFIG).
 func WithKeychain(k authn.Keychain) Option { return func(c *Client) { c.keychain = k } }
@@ -66,61 +67,14 @@ func New(cfg Config, opts ...Option) *Client {
 	for _, o := range opts {
 		o(c)
 	}
-	c.base = newBaseTransport(c)
+	c.base = newBaseTransport(c.cfg)
 	return c
 }
 
 // Config returns the client's configuration, defaults filled in.
 func (c *Client) Config() Config { return c.cfg }
 
-func hostOnly(hostport string) string {
-	if h, _, err := net.SplitHostPort(hostport); err == nil {
-		return h
-	}
-	return hostport
-}
-
-// isLoopback reports whether a registry host is reached over plain HTTP by
-// default, as Docker and stargz-snapshotter do.
-func isLoopback(hostport string) bool {
-	h := hostOnly(hostport)
-	if h == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(strings.Trim(h, "[]"))
-	return ip != nil && ip.IsLoopback()
-}
-
-func (c *Client) plainHTTPAllowed(hostport string) bool {
-	if c.plainHTTP || isLoopback(hostport) {
-		return true
-	}
-	if hc, ok := c.cfg.Host[hostport]; ok && hc.Insecure {
-		return true
-	}
-	for _, hc := range c.cfg.Host {
-		for _, m := range hc.Mirrors {
-			if m.Host == hostport && m.Insecure {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-func (c *Client) skipVerify(hostport string) bool {
-	if hc, ok := c.cfg.Host[hostport]; ok && hc.SkipVerify {
-		return true
-	}
-	for _, hc := range c.cfg.Host {
-		for _, m := range hc.Mirrors {
-			if m.Host == hostport && m.SkipVerify {
-				return true
-			}
-		}
-	}
-	return false
-}
+func (c *Client) plainHTTPAllowed(hostport string) bool { return c.cfg.Endpoint(hostport).PlainHTTP }
 
 func (c *Client) nameOpts(hostport string) []name.Option {
 	o := []name.Option{name.WeakValidation}
@@ -166,9 +120,9 @@ func (e endpoint) String() string {
 // endpoints lists where repo can be read, mirrors first.
 func (c *Client) endpoints(repo name.Repository) []endpoint {
 	origin := repo.RegistryStr()
-	hc := c.cfg.Host[origin]
+	hp := c.cfg.HostPolicy(origin)
 	var eps []endpoint
-	for _, m := range hc.Mirrors {
+	for _, m := range hp.Mirrors {
 		reg, err := name.NewRegistry(m.Host, c.nameOpts(m.Host)...)
 		if err != nil {
 			continue
@@ -176,7 +130,7 @@ func (c *Client) endpoints(repo name.Repository) []endpoint {
 		r := reg.Repo(repo.RepositoryStr())
 		eps = append(eps, endpoint{repo: r, header: m.Header, ns: origin, mirror: true})
 	}
-	return append(eps, endpoint{repo: repo, header: hc.Header})
+	return append(eps, endpoint{repo: repo, header: hp.Origin.Header})
 }
 
 // transport returns an authenticated round tripper for ep with the given
@@ -407,16 +361,41 @@ func contentRangeStart(v string) (int64, error) {
 	return strconv.ParseInt(v[:dash], 10, 64)
 }
 
-// ReadBlobAt reads len(p) bytes of a blob at off, in one request.
-func (c *Client) ReadBlobAt(ctx context.Context, repo name.Repository, h v1.Hash, p []byte, off int64) (int, error) {
-	rc, err := c.BlobRange(ctx, repo, h, off, int64(len(p)))
+// BlobReaderAt is random access to one blob: each ReadAt is one ranged
+// request through BlobRange, with the client's auth, mirrors, retries and
+// deadlines. It serves readers that want an io.ReaderAt (a TOC and footer
+// read); reads of chunks go through BlobRange directly.
+type BlobReaderAt struct {
+	// ctx bounds every ReadAt, which io.ReaderAt gives no other way to pass.
+	ctx  context.Context
+	c    *Client
+	repo name.Repository
+	h    v1.Hash
+}
+
+// NewBlobReaderAt returns random access to blob h of repo; ctx bounds every read.
+func (c *Client) NewBlobReaderAt(ctx context.Context, repo name.Repository, h v1.Hash) *BlobReaderAt {
+	return &BlobReaderAt{ctx: ctx, c: c, repo: repo, h: h}
+}
+
+// ReadAt reads len(p) bytes at off in one request. When the registry
+// answers a range over the end of the blob with the bytes there are, they
+// are returned with io.EOF; some registries refuse such a range instead.
+func (r *BlobReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	rc, err := r.c.BlobRange(r.ctx, r.repo, r.h, off, int64(len(p)))
 	if err != nil {
 		return 0, err
 	}
 	defer rc.Close()
 	n, err := io.ReadFull(rc, p)
-	if err != nil {
-		return n, fmt.Errorf("read blob %s at %d: %w", h, off, err)
+	switch {
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		return n, io.EOF
+	case err != nil:
+		return n, fmt.Errorf("read blob %s at %d: %w", r.h, off, err)
 	}
 	return n, nil
 }
@@ -424,8 +403,7 @@ func (c *Client) ReadBlobAt(ctx context.Context, repo name.Repository, h v1.Hash
 // pushOpts returns options for writing to ref's repository at the origin;
 // mirrors are read-only.
 func (c *Client) pushOpts(ctx context.Context, repo name.Repository, extra ...remote.Option) ([]remote.Option, error) {
-	hc := c.cfg.Host[repo.RegistryStr()]
-	rt, err := c.transport(ctx, endpoint{repo: repo, header: hc.Header}, transport.PushScope)
+	rt, err := c.transport(ctx, endpoint{repo: repo, header: c.cfg.Endpoint(repo.RegistryStr()).Header}, transport.PushScope)
 	if err != nil {
 		return nil, err
 	}

@@ -84,8 +84,15 @@ func TestBlobRangeAndSize(t *testing.T) {
 		t.Fatalf("range read %q", b)
 	}
 	buf := make([]byte, 3)
-	if _, err := c.ReadBlobAt(ctx, repo, f.digest, buf, 13); err != nil || string(buf) != "def" {
-		t.Fatalf("ReadBlobAt %q %v", buf, err)
+	ra := c.NewBlobReaderAt(ctx, repo, f.digest)
+	if _, err := ra.ReadAt(buf, 13); err != nil || string(buf) != "def" {
+		t.Fatalf("ReadAt %q %v", buf, err)
+	}
+	// A registry that answers a range over the end with what there is:
+	// the bytes and io.EOF, as io.ReaderAt says.
+	buf = make([]byte, 8)
+	if n, err := ra.ReadAt(buf, 12); n != 4 || err != io.EOF || string(buf[:n]) != "cdef" {
+		t.Fatalf("ReadAt over the end: %q %v", buf[:n], err)
 	}
 	n, err := c.BlobSize(ctx, repo, f.digest)
 	if err != nil || n != 16 {

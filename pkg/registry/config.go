@@ -26,6 +26,9 @@ type Config struct {
 	Retries int `toml:"retries"`
 	// MaxRetryWait caps the wait between tries, Retry-After included.
 	MaxRetryWait time.Duration `toml:"max_retry_wait"`
+	// PlainHTTP reaches every host over plain HTTP: the command line's
+	// --plain-http, not a key of the file.
+	PlainHTTP bool `toml:"-"`
 }
 
 // HostConfig is one registry's settings.

@@ -49,7 +49,7 @@ func TestRealRegistry(t *testing.T) {
 	rc.Close()
 
 	part := make([]byte, 1000)
-	if _, err := c.ReadBlobAt(ctx, ref.Context(), h, part, 5000); err != nil {
+	if _, err := c.NewBlobReaderAt(ctx, ref.Context(), h).ReadAt(part, 5000); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(part, whole[5000:6000]) {

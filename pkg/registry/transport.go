@@ -2,7 +2,6 @@ package registry
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -16,38 +15,46 @@ import (
 )
 
 // baseTransport is the innermost round tripper, under go-containerregistry's
-// auth: it picks TLS settings per host, keeps plain HTTP to the hosts that
-// allow it, bounds every request in time and retries what is worth retrying.
-// go-containerregistry's own retry does not honour Retry-After, which
-// registries behind rate limits send, so retries are done here instead.
+// auth and containerd's: it picks TLS settings per host, keeps plain HTTP to
+// the hosts that allow it, bounds every request in time and retries what is
+// worth retrying. go-containerregistry's own retry does not honour
+// Retry-After, which registries behind rate limits send, so retries are done
+// here instead.
 type baseTransport struct {
-	c       *Client
+	cfg     Config
 	secure  http.RoundTripper
 	skipTLS http.RoundTripper
 }
 
-func newBaseTransport(c *Client) *baseTransport {
-	mk := func(skip bool) *http.Transport {
-		d := &net.Dialer{Timeout: c.cfg.DialTimeout, KeepAlive: 30 * time.Second}
+// NewTransport returns the transport that reaches registries as cfg says:
+// TLS per host (Config.Endpoint), plain HTTP only where allowed, deadlines
+// on response headers and on stalled bodies, and retries that honour
+// Retry-After. Client uses it under go-containerregistry's auth; give it to
+// other registry clients (containerd's resolver) so they behave the same.
+func NewTransport(cfg Config) http.RoundTripper { return newBaseTransport(cfg.withDefaults()) }
+
+func newBaseTransport(cfg Config) *baseTransport {
+	mk := func(e Endpoint) *http.Transport {
+		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second}
 		return &http.Transport{
 			Proxy:                 http.ProxyFromEnvironment,
 			DialContext:           d.DialContext,
-			TLSHandshakeTimeout:   c.cfg.DialTimeout,
-			ResponseHeaderTimeout: c.cfg.RequestTimeout,
+			TLSHandshakeTimeout:   cfg.DialTimeout,
+			ResponseHeaderTimeout: cfg.RequestTimeout,
 			ExpectContinueTimeout: time.Second,
 			MaxIdleConns:          256,
 			MaxIdleConnsPerHost:   64,
 			IdleConnTimeout:       90 * time.Second,
 			ForceAttemptHTTP2:     true,
-			TLSClientConfig:       &tls.Config{InsecureSkipVerify: skip}, //nolint:gosec // only for hosts configured skip_verify
+			TLSClientConfig:       e.TLSConfig(),
 		}
 	}
-	return &baseTransport{c: c, secure: mk(false), skipTLS: mk(true)}
+	return &baseTransport{cfg: cfg, secure: mk(Endpoint{}), skipTLS: mk(Endpoint{SkipVerify: true})}
 }
 
 func (t *baseTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	host := req.URL.Host
-	if req.URL.Scheme == "http" && !t.c.plainHTTPAllowed(host) {
+	e := t.cfg.Endpoint(req.URL.Host)
+	if req.URL.Scheme == "http" && !e.PlainHTTP {
 		// go-containerregistry falls back to plain HTTP for private-range
 		// addresses; starling only does so where the user said so.
 		r2 := req.Clone(req.Context())
@@ -55,7 +62,7 @@ func (t *baseTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		req = r2
 	}
 	rt := t.secure
-	if t.c.skipVerify(host) {
+	if e.SkipVerify {
 		rt = t.skipTLS
 	}
 	return t.retry(rt, req)
@@ -81,7 +88,7 @@ func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Re
 			r.Body = body
 		}
 		resp, err := t.once(rt, r)
-		last := attempt >= t.c.cfg.Retries || !canReplay
+		last := attempt >= t.cfg.Retries || !canReplay
 		if err == nil && !retryable(resp.StatusCode) {
 			return resp, nil
 		}
@@ -97,9 +104,9 @@ func (t *baseTransport) retry(rt http.RoundTripper, req *http.Request) (*http.Re
 			}
 			return resp, nil
 		}
-		wait := backoff(attempt, t.c.cfg.MaxRetryWait)
+		wait := backoff(attempt, t.cfg.MaxRetryWait)
 		if err == nil {
-			if ra, ok := retryAfter(resp.Header.Get("Retry-After"), t.c.cfg.MaxRetryWait); ok {
+			if ra, ok := retryAfter(resp.Header.Get("Retry-After"), t.cfg.MaxRetryWait); ok {
 				wait = ra
 			}
 			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
@@ -137,7 +144,7 @@ func (t *baseTransport) once(rt http.RoundTripper, req *http.Request) (*http.Res
 		cancel()
 		return nil, err
 	}
-	resp.Body = newStallBody(resp.Body, t.c.cfg.RequestTimeout, cancel)
+	resp.Body = newStallBody(resp.Body, t.cfg.RequestTimeout, cancel)
 	return resp, nil
 }
 

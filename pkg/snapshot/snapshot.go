@@ -1,7 +1,11 @@
 // Package snapshot is starling's containerd snapshotter: containerd's own
 // overlay snapshotter for ordinary layers, plus remote snapshots — layers
-// mounted lazily through FUSE and reported to containerd as already present,
-// so that it skips download and unpack.
+// mounted by a FileSystem (lazily, through FUSE) and reported to containerd
+// as already present, so that it skips download and unpack.
+//
+// The snapshotter knows nothing of how a remote layer is fetched: it hands
+// the labels containerd sent to its FileSystem, as the reference
+// stargz-snapshotter does.
 //
 // Across a restart of starlingd: every remote snapshot is unmounted on
 // shutdown and mounted again at the same place on start, so containers
@@ -14,10 +18,10 @@ package snapshot
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"strings"
 	"sync"
 
@@ -26,13 +30,38 @@ import (
 	"github.com/containerd/containerd/pkg/snapshotters"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/overlay"
-	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/starling-dev/starling/pkg/layer"
-	"github.com/starling-dev/starling/pkg/registry"
+	"golang.org/x/sync/errgroup"
 )
+
+// FileSystem mounts remote layers; the snapshotter knows nothing else of them.
+// labels are those containerd passed to Prepare (and, after a restart, those
+// stored on the committed snapshot, which include them).
+type FileSystem interface {
+	// Mount mounts the layer the labels name at mountpoint. An error that
+	// wraps ErrNotRemote says the layer is not one to mount remotely.
+	Mount(ctx context.Context, mountpoint string, labels map[string]string) error
+	// Check reports whether the layer at mountpoint still serves.
+	Check(ctx context.Context, mountpoint string, labels map[string]string) error
+	// Unmount unmounts mountpoint and ends all work of its layer; unmounting
+	// what is not mounted is not an error.
+	Unmount(ctx context.Context, mountpoint string) error
+}
+
+// Resolver may be implemented by a FileSystem that can tell whether a
+// layer can be mounted before the snapshotter makes a snapshot for it, and
+// get it ready (and the image's other layers with it: containerd prepares
+// them one after another). A layer it refuses takes the ordinary path at no
+// cost; one it accepts is followed by Mount with the same labels, and the
+// FileSystem ends on its own a readiness that no Mount consumes.
+type Resolver interface {
+	Resolve(ctx context.Context, labels map[string]string) error
+}
+
+// ErrNotRemote is wrapped by FileSystem errors for a layer that is not
+// meant to be mounted remotely (not a lazy format, labels missing): its
+// fallback is expected rather than a failure.
+var ErrNotRemote = errors.New("layer cannot be mounted remotely")
 
 // Labels starling keeps on a committed remote snapshot, to mount it again
 // after a restart.
@@ -55,40 +84,30 @@ var (
 
 func init() { prometheus.MustRegister(metricRemote, metricFallback) }
 
-// remoteInfo is what is needed to mount a remote snapshot again.
-type remoteInfo struct {
-	Ref        string        `json:"ref"`
-	Descriptor v1.Descriptor `json:"descriptor"`
-}
+// restoreParallel bounds the remote snapshots mounted again at once on
+// start: each costs a round trip to the registry.
+const restoreParallel = 8
 
-// Snapshotter implements snapshots.Snapshotter.
+// Snapshotter implements snapshots.Snapshotter and snapshots.Cleaner.
 type Snapshotter struct {
 	snapshots.Snapshotter // containerd's overlay snapshotter
-	client                *registry.Client
-	layers                *layer.Manager
+	fs                    FileSystem
 	log                   *slog.Logger
 
-	mu      sync.Mutex
-	mounted map[string]*layer.Layer // mountpoint -> layer
-	manif   map[string]*manifestCall
-	resolve map[string]*resolveCall // layer digest -> resolution
-}
-
-type manifestCall struct {
-	done chan struct{}
-	m    *v1.Manifest
-	err  error
-}
-
-type resolveCall struct {
-	done chan struct{}
-	l    *layer.Layer
-	err  error
+	mu sync.Mutex
+	// remote holds the mountpoint of every remote snapshot this process
+	// knows of, and whether it is mounted; one whose mount failed stays,
+	// for Check to mount it again.
+	remote    map[string]bool
+	remounts  map[string]chan struct{} // mountpoint -> remount in progress
+	closed    bool
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // New opens the snapshotter under root and mounts again the remote
-// snapshots it had.
-func New(ctx context.Context, root string, client *registry.Client, layers *layer.Manager, log *slog.Logger) (*Snapshotter, error) {
+// snapshots it had; one that fails to mount is logged and stays.
+func New(ctx context.Context, root string, fs FileSystem, log *slog.Logger) (*Snapshotter, error) {
 	inner, err := overlay.NewSnapshotter(root, overlay.AsynchronousRemove)
 	if err != nil {
 		return nil, fmt.Errorf("overlay snapshotter at %s: %w", root, err)
@@ -98,12 +117,10 @@ func New(ctx context.Context, root string, client *registry.Client, layers *laye
 	}
 	s := &Snapshotter{
 		Snapshotter: inner,
-		client:      client,
-		layers:      layers,
+		fs:          fs,
 		log:         log,
-		mounted:     map[string]*layer.Layer{},
-		manif:       map[string]*manifestCall{},
-		resolve:     map[string]*resolveCall{},
+		remote:      map[string]bool{},
+		remounts:    map[string]chan struct{}{},
 	}
 	if err := s.restore(ctx); err != nil {
 		inner.Close()
@@ -112,15 +129,8 @@ func New(ctx context.Context, root string, client *registry.Client, layers *laye
 	return s, nil
 }
 
-// lazyTarget returns what identifies a lazily mountable layer in Prepare's
-// labels: the CRI labels, which `starling pull` sets too.
-func lazyTarget(labels map[string]string) (ref, layerDigest string, ok bool) {
-	ref, layerDigest = labels[snapshotters.TargetRefLabel], labels[snapshotters.TargetLayerDigestLabel]
-	return ref, layerDigest, ref != "" && layerDigest != "" && labels[layer.TOCDigestAnnotation] != ""
-}
-
-// Prepare creates an active snapshot; for a lazily mountable layer it
-// mounts the layer, commits it as the target and says it already exists.
+// Prepare creates an active snapshot; for a layer the FileSystem mounts
+// remotely it commits the layer as the target and says it already exists.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	var base snapshots.Info
 	for _, o := range opts {
@@ -128,85 +138,127 @@ func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...s
 			return nil, err
 		}
 	}
-	target, hasTarget := base.Labels[labelTargetSnapshot]
-	ref, ld, lazy := lazyTarget(base.Labels)
-	s.log.Debug("prepare", "key", key, "parent", parent, "layer", ld)
-	if hasTarget && lazy {
-		if s.committed(ctx, target, parent) {
-			return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	if target := base.Labels[labelTargetSnapshot]; target != "" {
+		s.log.Debug("prepare", "key", key, "parent", parent, "layer", base.Labels[snapshotters.TargetLayerDigestLabel])
+		if done, err := s.prepareRemote(ctx, key, parent, target, base.Labels, opts); done {
+			return nil, err
 		}
-		s.prefetchSiblings(ctx, ref, base.Labels)
-		err := s.prepareRemote(ctx, key, parent, target, ref, ld, base.Labels, opts)
-		if err == nil {
-			s.log.Info("layer mounted lazily", "layer", ld, "ref", ref, "decision", "remote")
-			metricRemote.Inc()
-			return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
-		}
-		reason := "error"
-		if errors.Is(err, layer.ErrNotLazy) {
-			reason = "not-lazy"
-		}
-		metricFallback.WithLabelValues(reason).Inc()
-		s.log.Warn("layer falls back to download and unpack", "layer", ld, "ref", ref, "decision", "fallback", "reason", err)
-	} else if hasTarget {
-		metricFallback.WithLabelValues("not-lazy").Inc()
-		s.log.Warn("layer falls back to download and unpack", "layer", base.Labels[snapshotters.TargetLayerDigestLabel], "decision", "fallback",
-			"reason", "no lazy-pull labels (image not eStargz, or containerd not passing snapshot annotations)")
+	}
+	if err := s.checkChain(ctx, parent); err != nil {
+		return nil, err
 	}
 	return s.Snapshotter.Prepare(ctx, key, parent, opts...)
 }
 
-// committed reports whether a committed snapshot for target on parent exists.
-func (s *Snapshotter) committed(ctx context.Context, target, parent string) bool {
-	found := false
-	filter := fmt.Sprintf(`labels."%s"==%s,parent==%q`, labelTargetSnapshot, target, parent)
-	_ = s.Snapshotter.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
-		if i.Kind == snapshots.KindCommitted && i.Labels[labelTargetSnapshot] == target && i.Parent == parent {
-			found = true
+// prepareRemote makes the remote snapshot target on parent. done says that
+// err is Prepare's answer; otherwise the layer takes the ordinary path.
+func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent, target string, labels map[string]string, opts []snapshots.Opt) (done bool, err error) {
+	exists := fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
+	layerDigest := labels[snapshotters.TargetLayerDigestLabel]
+	if info, err := s.Snapshotter.Stat(ctx, target); err == nil {
+		if info.Kind != snapshots.KindCommitted || info.Parent != parent {
+			s.fallback(labels, fmt.Errorf("snapshot %q exists with another parent or kind", target))
+			return false, nil
 		}
-		return nil
-	}, filter)
-	return found
-}
-
-func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent, target, ref, layerDigest string, labels map[string]string, opts []snapshots.Opt) error {
-	l, info, err := s.resolveLayer(ctx, ref, layerDigest, labels)
-	if err != nil {
-		return err
+		if info.Labels[labelMountpoint] != "" {
+			if err := s.check(ctx, info); err != nil {
+				return true, err
+			}
+		}
+		return true, exists
+	} else if !errdefs.IsNotFound(err) {
+		return true, err
+	}
+	if r, ok := s.fs.(Resolver); ok {
+		if err := r.Resolve(ctx, labels); err != nil {
+			s.fallback(labels, err)
+			return false, nil
+		}
 	}
 	mounts, err := s.Snapshotter.Prepare(ctx, key, parent, opts...)
 	if err != nil {
-		return fmt.Errorf("prepare %s: %w", key, err)
+		// What the ordinary path would answer too.
+		return true, err
 	}
 	dir, err := fsDir(mounts)
 	if err != nil {
-		_ = s.Snapshotter.Remove(ctx, key)
-		return err
+		if rerr := s.Snapshotter.Remove(ctx, key); rerr != nil {
+			return true, errors.Join(err, rerr)
+		}
+		s.fallback(labels, err)
+		return false, nil
 	}
-	infoJSON, _ := json.Marshal(info)
 	// containerd finds the committed layer by its snapshot.ref label and
 	// parent, so the label stays.
-	commitLabels := map[string]string{}
-	for k, v := range labels {
-		commitLabels[k] = v
-	}
-	commitLabels[labelRemote] = string(infoJSON)
+	commitLabels := maps.Clone(labels)
+	commitLabels[labelRemote] = "true"
 	commitLabels[labelMountpoint] = dir
 	// Commit first, mount after: the overlay snapshotter walks the directory
 	// to account its usage, and walking an empty one is free, where walking
 	// the FUSE view would stat every entry of the layer.
 	if err := s.Snapshotter.Commit(ctx, target, key, snapshots.WithLabels(commitLabels)); err != nil {
-		_ = s.Snapshotter.Remove(ctx, key)
-		return fmt.Errorf("commit %s: %w", target, err)
-	}
-	if err := l.Mount(dir); err != nil {
-		_ = s.Snapshotter.Remove(ctx, target)
-		return err
+		if rerr := s.Snapshotter.Remove(ctx, key); rerr != nil {
+			return true, errors.Join(fmt.Errorf("commit %s: %w", target, err), rerr)
+		}
+		if errdefs.IsAlreadyExists(err) {
+			// A concurrent Prepare of the same layer won.
+			return true, exists
+		}
+		s.fallback(labels, fmt.Errorf("commit %s: %w", target, err))
+		return false, nil
 	}
 	s.mu.Lock()
-	s.mounted[dir] = l
+	closed := s.closed
+	if !closed {
+		// Known before it is mounted, so that Close unmounts it.
+		s.remote[dir] = false
+	}
 	s.mu.Unlock()
-	return nil
+	if closed {
+		err = errors.New("snapshotter closed")
+	} else {
+		err = s.fs.Mount(ctx, dir, labels)
+	}
+	if err != nil {
+		s.forget(dir)
+		if rerr := s.Snapshotter.Remove(ctx, target); rerr != nil {
+			return true, errors.Join(fmt.Errorf("mount %s: %w", layerDigest, err), fmt.Errorf("remove %s: %w", target, rerr))
+		}
+		s.fallback(labels, err)
+		return false, nil
+	}
+	s.mu.Lock()
+	closed = s.closed
+	if !closed {
+		s.remote[dir] = true
+	}
+	s.mu.Unlock()
+	if closed {
+		// Close ran while we mounted and did not see the mount.
+		_ = s.fs.Unmount(context.WithoutCancel(ctx), dir)
+		return true, errors.New("snapshotter closed")
+	}
+	s.log.Info("layer mounted lazily", "layer", layerDigest, "ref", labels[snapshotters.TargetRefLabel], "decision", "remote")
+	metricRemote.Inc()
+	return true, exists
+}
+
+// fallback says, in one log line and the metric, why a layer goes the
+// ordinary way.
+func (s *Snapshotter) fallback(labels map[string]string, err error) {
+	reason := "error"
+	if errors.Is(err, ErrNotRemote) {
+		reason = "not-lazy"
+	}
+	metricFallback.WithLabelValues(reason).Inc()
+	s.log.Warn("layer falls back to download and unpack", "layer", labels[snapshotters.TargetLayerDigestLabel],
+		"ref", labels[snapshotters.TargetRefLabel], "decision", "fallback", "reason", err)
+}
+
+func (s *Snapshotter) forget(dir string) {
+	s.mu.Lock()
+	delete(s.remote, dir)
+	s.mu.Unlock()
 }
 
 // fsDir is the directory of a fresh active snapshot that the layer is
@@ -226,220 +278,215 @@ func fsDir(ms []mount.Mount) (string, error) {
 	return "", fmt.Errorf("no upper directory in %v", ms[0])
 }
 
-// manifest fetches (once) the manifest a layer belongs to, for the layer's
-// size, media type and annotations.
-func (s *Snapshotter) manifest(ctx context.Context, ref name.Reference, dg string) (*v1.Manifest, error) {
-	key := ref.Context().String() + "@" + dg
-	s.mu.Lock()
-	c, ok := s.manif[key]
-	if !ok {
-		c = &manifestCall{done: make(chan struct{})}
-		s.manif[key] = c
-		s.mu.Unlock()
-		func() {
-			defer close(c.done)
-			d, err := s.client.Get(ctx, ref.Context().Digest(dg))
-			if err != nil {
-				c.err = err
-				return
-			}
-			c.m, c.err = v1.ParseManifest(strings.NewReader(string(d.Manifest)))
-		}()
-		if c.err != nil {
-			s.mu.Lock()
-			delete(s.manif, key)
-			s.mu.Unlock()
-		}
-	} else {
-		s.mu.Unlock()
-		<-c.done
+// View checks that the remote layers under parent serve before making a
+// view on them.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if err := s.checkChain(ctx, parent); err != nil {
+		return nil, err
 	}
-	return c.m, c.err
+	return s.Snapshotter.View(ctx, key, parent, opts...)
 }
 
-// descriptor finds the layer's descriptor: from its manifest when the labels
-// name it, else from the labels and a HEAD request.
-func (s *Snapshotter) descriptor(ctx context.Context, ref name.Reference, layerDigest string, labels map[string]string) (v1.Descriptor, error) {
-	h, err := v1.NewHash(layerDigest)
-	if err != nil {
-		return v1.Descriptor{}, fmt.Errorf("layer digest %q: %w", layerDigest, err)
+// Mounts checks that the remote layers under key serve before returning
+// its mounts.
+func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	info, err := s.Snapshotter.Stat(ctx, key)
+	if err == nil {
+		if err := s.checkChain(ctx, info.Parent); err != nil {
+			return nil, err
+		}
 	}
-	if md := labels[snapshotters.TargetManifestDigestLabel]; md != "" {
-		m, err := s.manifest(ctx, ref, md)
+	return s.Snapshotter.Mounts(ctx, key)
+}
+
+// checkChain checks every remote snapshot from key down, as the reference
+// snapshotter does before handing out mounts: a layer whose FUSE mount is
+// gone would show as an empty directory, silently.
+func (s *Snapshotter) checkChain(ctx context.Context, key string) error {
+	s.mu.Lock()
+	none := len(s.remote) == 0
+	s.mu.Unlock()
+	if none {
+		return nil
+	}
+	for key != "" {
+		info, err := s.Snapshotter.Stat(ctx, key)
 		if err != nil {
-			return v1.Descriptor{}, fmt.Errorf("manifest of layer %s: %w", layerDigest, err)
+			// The inner call reports it.
+			return nil
 		}
-		for _, d := range m.Layers {
-			if d.Digest == h {
-				// The snapshot label is what containerd vouches for.
-				if t := labels[layer.TOCDigestAnnotation]; t != "" {
-					if d.Annotations == nil {
-						d.Annotations = map[string]string{}
-					}
-					d.Annotations[layer.TOCDigestAnnotation] = t
-				}
-				return d, nil
+		if info.Labels[labelMountpoint] != "" {
+			if err := s.check(ctx, info); err != nil {
+				return err
 			}
 		}
-		return v1.Descriptor{}, fmt.Errorf("layer %s is not in manifest %s", layerDigest, md)
+		key = info.Parent
 	}
-	size, err := s.client.BlobSize(ctx, ref.Context(), h)
-	if err != nil {
-		return v1.Descriptor{}, err
-	}
-	return v1.Descriptor{Digest: h, Size: size, MediaType: "application/vnd.oci.image.layer.v1.tar+gzip",
-		Annotations: map[string]string{layer.TOCDigestAnnotation: labels[layer.TOCDigestAnnotation]}}, nil
+	return nil
 }
 
-// resolveLayer resolves a layer once, however many Prepares ask for it.
-func (s *Snapshotter) resolveLayer(ctx context.Context, refStr, layerDigest string, labels map[string]string) (*layer.Layer, remoteInfo, error) {
-	ref, err := s.client.ParseReference(refStr)
-	if err != nil {
-		return nil, remoteInfo{}, err
+// check checks a remote snapshot and, when it fails, logs it and mounts the
+// layer again; it fails with ErrUnavailable when that fails too.
+func (s *Snapshotter) check(ctx context.Context, info snapshots.Info) error {
+	dir := info.Labels[labelMountpoint]
+	err := s.fs.Check(ctx, dir, info.Labels)
+	if err == nil {
+		return nil
 	}
-	desc, err := s.descriptor(ctx, ref, layerDigest, labels)
-	if err != nil {
-		return nil, remoteInfo{}, err
+	layerDigest := info.Labels[snapshotters.TargetLayerDigestLabel]
+	s.log.Warn("remote snapshot failed its check; mounting it again", "snapshot", info.Name, "layer", layerDigest, "err", err)
+	if err := s.remount(ctx, info); err != nil {
+		s.log.Error("remote snapshot unavailable", "snapshot", info.Name, "layer", layerDigest, "err", err)
+		return fmt.Errorf("remote snapshot %s (layer %s): %w: %v", info.Name, layerDigest, errdefs.ErrUnavailable, err)
 	}
-	s.log.Debug("layer descriptor", "layer", layerDigest)
-	info := remoteInfo{Ref: refStr, Descriptor: desc}
+	return nil
+}
+
+// remount mounts a remote snapshot again, once however many callers ask.
+func (s *Snapshotter) remount(ctx context.Context, info snapshots.Info) error {
+	dir := info.Labels[labelMountpoint]
 	s.mu.Lock()
-	c, ok := s.resolve[layerDigest]
-	if ok {
-		// A resolution is consumed by the one mount it is for.
-		delete(s.resolve, layerDigest)
+	if s.closed {
 		s.mu.Unlock()
-		<-c.done
-		if c.err == nil {
-			return c.l, info, nil
-		}
-	} else {
+		return errors.New("snapshotter closed")
+	}
+	if ch, ok := s.remounts[dir]; ok {
 		s.mu.Unlock()
-	}
-	l, err := s.layers.Resolve(context.WithoutCancel(ctx), ref.Context(), desc)
-	return l, info, err
-}
-
-// prefetchSiblings resolves the other layers of the image in parallel, as
-// soon as the first of them is prepared: containerd prepares layers one
-// after another, and each resolution costs a round trip.
-func (s *Snapshotter) prefetchSiblings(ctx context.Context, refStr string, labels map[string]string) {
-	layers := labels[snapshotters.TargetImageLayersLabel]
-	if layers == "" {
-		return
-	}
-	ref, err := s.client.ParseReference(refStr)
-	if err != nil {
-		return
-	}
-	for _, dg := range strings.Split(layers, ",") {
-		if dg == labels[snapshotters.TargetLayerDigestLabel] {
-			continue
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
 		}
+		return s.fs.Check(ctx, dir, info.Labels)
+	}
+	ch := make(chan struct{})
+	s.remounts[dir] = ch
+	s.remote[dir] = false
+	s.mu.Unlock()
+	defer func() {
 		s.mu.Lock()
-		if _, ok := s.resolve[dg]; ok {
-			s.mu.Unlock()
-			continue
-		}
-		c := &resolveCall{done: make(chan struct{})}
-		s.resolve[dg] = c
+		delete(s.remounts, dir)
 		s.mu.Unlock()
-		go func() {
-			defer close(c.done)
-			ctx := context.WithoutCancel(ctx)
-			desc, err := s.descriptor(ctx, ref, dg, map[string]string{snapshotters.TargetManifestDigestLabel: labels[snapshotters.TargetManifestDigestLabel]})
-			if err == nil && !layer.IsLazy(desc) {
-				err = layer.ErrNotLazy
-			}
-			if err == nil {
-				c.l, c.err = s.layers.Resolve(ctx, ref.Context(), desc)
-			} else {
-				c.err = err
-			}
-		}()
-	}
+		close(ch)
+	}()
+	return s.mountAt(ctx, dir, info.Labels)
 }
 
-// Remove unmounts a remote snapshot before removing it.
-func (s *Snapshotter) Remove(ctx context.Context, key string) error {
-	if info, err := s.Stat(ctx, key); err == nil {
-		if dir := info.Labels[labelMountpoint]; dir != "" {
-			s.mu.Lock()
-			l := s.mounted[dir]
-			delete(s.mounted, dir)
-			s.mu.Unlock()
-			if l != nil {
-				if err := l.Unmount(); err != nil {
-					return fmt.Errorf("remove %s: %w", key, err)
-				}
-			}
-		}
+// mountAt mounts a known remote snapshot at dir, clearing what a dead
+// mount left there first.
+func (s *Snapshotter) mountAt(ctx context.Context, dir string, labels map[string]string) error {
+	if err := s.fs.Unmount(ctx, dir); err != nil {
+		s.log.Debug("unmount before mounting again", "mountpoint", dir, "err", err)
 	}
-	return s.Snapshotter.Remove(ctx, key)
+	// A mount left by a daemon that died is dead: clear it. A directory
+	// that is no mount point is fine.
+	_ = mount.UnmountAll(dir, 0)
+	if err := s.fs.Mount(ctx, dir, labels); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	closed := s.closed
+	if !closed {
+		s.remote[dir] = true
+	}
+	s.mu.Unlock()
+	if closed {
+		_ = s.fs.Unmount(context.WithoutCancel(ctx), dir)
+		return errors.New("snapshotter closed")
+	}
+	return nil
+}
+
+// Remove removes a snapshot, then unmounts it if it is remote: removal
+// first, so that a removal containerd refuses (the snapshot has children)
+// leaves the layer serving them.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	info, statErr := s.Snapshotter.Stat(ctx, key)
+	if err := s.Snapshotter.Remove(ctx, key); err != nil {
+		return err
+	}
+	if statErr != nil {
+		return nil
+	}
+	dir := info.Labels[labelMountpoint]
+	if dir == "" {
+		return nil
+	}
+	s.forget(dir)
+	if err := s.fs.Unmount(ctx, dir); err != nil {
+		// The metadata is gone; the directory is cleaned up once the mount is.
+		s.log.Error("unmount removed remote snapshot", "snapshot", key, "layer", info.Labels[snapshotters.TargetLayerDigestLabel], "err", err)
+	}
+	return nil
+}
+
+// Cleanup removes the directories of removed snapshots: with asynchronous
+// removal, containerd's garbage collector calls it after Remove.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	if c, ok := s.Snapshotter.(snapshots.Cleaner); ok {
+		return c.Cleanup(ctx)
+	}
+	return nil
 }
 
 // restore mounts again every remote snapshot found in the metadata.
 func (s *Snapshotter) restore(ctx context.Context) error {
 	type todo struct {
-		name string
-		dir  string
-		info remoteInfo
+		name   string
+		dir    string
+		labels map[string]string
 	}
 	var list []todo
 	err := s.Snapshotter.Walk(ctx, func(ctx context.Context, i snapshots.Info) error {
-		raw, dir := i.Labels[labelRemote], i.Labels[labelMountpoint]
-		if raw == "" || dir == "" {
-			return nil
+		if dir := i.Labels[labelMountpoint]; dir != "" && i.Labels[labelRemote] != "" {
+			list = append(list, todo{i.Name, dir, i.Labels})
 		}
-		var info remoteInfo
-		if err := json.Unmarshal([]byte(raw), &info); err != nil {
-			s.log.Error("remote snapshot with unreadable label", "snapshot", i.Name, "err", err)
-			return nil
-		}
-		list = append(list, todo{i.Name, dir, info})
 		return nil
 	})
 	if err != nil && !errdefs.IsNotFound(err) {
 		// A fresh store has no bucket yet: nothing to restore.
 		return fmt.Errorf("list snapshots: %w", err)
 	}
+	s.mu.Lock()
 	for _, t := range list {
-		// A mount left by a daemon that died is dead; clear it first.
-		_ = mount.UnmountAll(t.dir, 0)
-		ref, err := s.client.ParseReference(t.info.Ref)
-		var l *layer.Layer
-		if err == nil {
-			l, err = s.layers.Resolve(ctx, ref.Context(), t.info.Descriptor)
-		}
-		if err == nil {
-			err = l.Mount(t.dir)
-		}
-		if err != nil {
-			// The snapshot stays; reads will fail until the registry is back
-			// and the daemon restarted. Containers can be re-created then.
-			s.log.Error("remount remote snapshot", "snapshot", t.name, "layer", t.info.Descriptor.Digest, "err", err)
-			continue
-		}
-		s.mu.Lock()
-		s.mounted[t.dir] = l
-		s.mu.Unlock()
-		s.log.Info("remote snapshot mounted again", "snapshot", t.name, "layer", t.info.Descriptor.Digest)
+		s.remote[t.dir] = false
 	}
-	return nil
+	s.mu.Unlock()
+	var g errgroup.Group
+	g.SetLimit(restoreParallel)
+	for _, t := range list {
+		g.Go(func() error {
+			layerDigest := t.labels[snapshotters.TargetLayerDigestLabel]
+			if err := s.mountAt(ctx, t.dir, t.labels); err != nil {
+				// The snapshot stays: Check mounts it again when it is used,
+				// and containers can be re-created then.
+				s.log.Error("remount remote snapshot", "snapshot", t.name, "layer", layerDigest, "err", err)
+				return nil
+			}
+			s.log.Info("remote snapshot mounted again", "snapshot", t.name, "layer", layerDigest)
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
 // Close unmounts every remote layer and closes the overlay snapshotter.
+// The FileSystem stays open: its owner closes it.
 func (s *Snapshotter) Close() error {
-	s.mu.Lock()
-	mounted := s.mounted
-	s.mounted = map[string]*layer.Layer{}
-	s.mu.Unlock()
-	var errs []error
-	for _, l := range mounted {
-		if err := l.Unmount(); err != nil {
-			errs = append(errs, err)
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		dirs := s.remote
+		s.remote = map[string]bool{}
+		s.mu.Unlock()
+		var errs []error
+		for dir := range dirs {
+			if err := s.fs.Unmount(context.Background(), dir); err != nil {
+				errs = append(errs, err)
+			}
 		}
-	}
-	errs = append(errs, s.Snapshotter.Close())
-	return errors.Join(errs...)
+		errs = append(errs, s.Snapshotter.Close())
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
 }

@@ -1,5 +1,15 @@
 // Package toc reads and checks the table of contents of lazily mountable
 // (eStargz, zstd:chunked) layers.
+//
+// Load reads a blob's footer and TOC once, decompresses the TOC within a
+// hard bound, and builds an Index while it decodes: a tree of entries with
+// hard links resolved and the chunks of each regular file, everything
+// validated before anything is mounted. A TOC that estargz's reader would
+// panic on, run out of memory on, or resolve outside the layer is refused
+// with one error that names the entry (an *EntryError matching ErrInvalid,
+// and ErrEscapes for names that leave the layer). Validation is iterative
+// and costs time and memory in proportion to the TOC, never to the sizes
+// it claims.
 package toc
 
 import (
@@ -17,6 +27,7 @@ import (
 const maxTOCSize = 256 << 20
 
 // Read reads a lazily mountable blob's footer and TOC, in two ranged reads.
+// Load supersedes it: Read's decompression of the TOC is not bounded.
 func Read(blob io.ReaderAt, size int64, dec estargz.Decompressor) (*estargz.JTOC, string, error) {
 	fsize := dec.FooterSize()
 	if size < fsize {
@@ -70,15 +81,17 @@ var ErrEscapes = errors.New("resolves outside the layer")
 
 func checkName(n string) error {
 	if strings.HasPrefix(n, "/") {
-		return fmt.Errorf("absolute name %w", ErrEscapes)
+		return escapes("absolute name")
 	}
-	for _, part := range strings.Split(n, "/") {
+	for rest := n; rest != ""; {
+		var part string
+		part, rest, _ = strings.Cut(rest, "/")
 		if part == ".." {
-			return fmt.Errorf("name with \"..\" %w", ErrEscapes)
+			return escapes("name with \"..\"")
 		}
 	}
-	if strings.ContainsRune(n, 0) {
-		return fmt.Errorf("name with a NUL byte %w", ErrEscapes)
+	if strings.IndexByte(n, 0) >= 0 {
+		return escapes("name with a NUL byte")
 	}
 	return nil
 }

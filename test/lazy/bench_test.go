@@ -1,3 +1,5 @@
+//go:build bench
+
 package lazy_test
 
 import (
@@ -90,11 +92,16 @@ func TestBenchLazy(t *testing.T) {
 			t.Fatalf("%v\n%s", err, out)
 		}
 	})
-	warm, _ := timed("run of the full-pulled image again (container start alone)", func() {
-		if out, err := s.ctd.Ctr(ctx, "run", "--rm", ref, "warm", "python3", "-V"); err != nil || !strings.HasPrefix(out, "Python 3") {
-			t.Fatalf("%v\n%s", err, out)
-		}
-	})
+	var warms []time.Duration
+	for i := 0; i < 3; i++ {
+		d, _ := timed("run of the full-pulled image again (container start alone)", func() {
+			if out, err := s.ctd.Ctr(ctx, "run", "--rm", ref, fmt.Sprintf("warm%d", i), "python3", "-V"); err != nil || !strings.HasPrefix(out, "Python 3") {
+				t.Fatalf("%v\n%s", err, out)
+			}
+		})
+		warms = append(warms, d)
+	}
+	warm := median(warms)
 	var pullTime time.Duration
 	lazy, lazyBytes := timed("starling lazy pull + python3 -V", func() {
 		start := time.Now()
@@ -105,6 +112,21 @@ func TestBenchLazy(t *testing.T) {
 			t.Fatalf("%v\n%s", err, out)
 		}
 	})
+	// Warm: the image's bytes are all local now (the lazy run read what
+	// python needs; read the rest so that every file is local).
+	if out, err := s.ctrRun(lazyRef, "sh", "-c", "find / -xdev -type f -exec cat {} + > /dev/null; echo done"); err != nil || !strings.Contains(out, "done") {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	var lazyWarms []time.Duration
+	for i := 0; i < 3; i++ {
+		d, _ := timed("starling run again (warm, every byte local)", func() {
+			if out, err := s.ctrRun(lazyRef, "python3", "-V"); err != nil || !strings.HasPrefix(out, "Python 3") {
+				t.Fatalf("%v\n%s", err, out)
+			}
+		})
+		lazyWarms = append(lazyWarms, d)
+	}
+	lazyWarm := median(lazyWarms)
 	if os.Getenv("STARLING_BENCH_LOG") != "" {
 		fmt.Println(s.sd.Log())
 	}
@@ -112,7 +134,8 @@ func TestBenchLazy(t *testing.T) {
 	fmt.Printf("  full pull on overlayfs + run: %6.2f s   registry sent %6.1f MB\n", full.Seconds(), float64(fullBytes)/1e6)
 	fmt.Printf("  starling lazy pull + run:     %6.2f s   registry sent %6.1f MB   (pull %.2f s, run %.2f s)\n",
 		lazy.Seconds(), float64(lazyBytes)/1e6, pullTime.Seconds(), (lazy - pullTime).Seconds())
-	fmt.Printf("  container start alone (warm, overlayfs): %.2f s\n", warm.Seconds())
+	fmt.Printf("  container start alone (warm, overlayfs): %.2f s   starling: %.2f s   ratio %.2f (target <= 1.1)\n",
+		warm.Seconds(), lazyWarm.Seconds(), lazyWarm.Seconds()/warm.Seconds())
 	fmt.Printf("  speed-up: %.1fx   (target: >= 10x, and <= 0.8 s as the reference stargz-snapshotter measured here)\n", full.Seconds()/lazy.Seconds())
 }
 

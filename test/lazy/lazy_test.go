@@ -64,11 +64,16 @@ func TestRunLazily(t *testing.T) {
 }
 
 // TestLazyTreeEqualsOverlay: the whole tree of the lazily mounted hard-case
-// image equals what containerd's overlayfs unpacks from the original.
+// image, converted to eStargz and to zstd:chunked, equals strictly what
+// containerd's overlayfs unpacks from the original: every mode bit, owner,
+// size, content, link target, xattr, device number, link count, hardlink
+// group and mtime (see treediff). Both sides are compared as a container
+// sees them, an overlay mount of the image's snapshots. The layer whose
+// names a TOC cannot hold (not UTF-8) stays gzip and is unpacked, the other
+// four mount lazily.
 func TestLazyTreeEqualsOverlay(t *testing.T) {
 	s := newStack(t, noFetchAhead)
-	gz, esgz := s.converted("hard", must(t)(testimage.HardCases()))
-	s.pull(esgz)
+	gz := s.push("meta:gz", must(t)(testimage.HardCasesWithNonUTF8()))
 	ctx := context.Background()
 	if out, err := s.ctd.Ctr(ctx, "image", "pull", "--plain-http", gz); err != nil {
 		t.Fatalf("%v\n%s", err, out)
@@ -83,31 +88,134 @@ func TestLazyTreeEqualsOverlay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The lazy image as a container sees it: a view of its top snapshot,
-	// mounted the way containerd mounts it (overlay over the FUSE layers).
-	top := chainID(t, s, esgz)
-	if out, err := s.ctd.Ctr(ctx, "snapshot", "--snapshotter", "starling", "view", "treeview", top); err != nil {
+	checkHardCases(t, want)
+
+	gzLayers := s.layers(gz)
+	nonUTF8 := gzLayers[len(gzLayers)-1].Digest.String()
+	for _, f := range []struct{ tag, flag string }{{"esgz", ""}, {"zstd", "--zstdchunked"}} {
+		ref := s.proxy.Addr + "/meta:" + f.tag
+		args := []string{"convert", gz, ref}
+		if f.flag != "" {
+			args = append(args, f.flag)
+		}
+		out := s.run(args...)
+		if !strings.Contains(out, "it will not mount lazily") || !strings.Contains(out, nonUTF8) || !strings.Contains(out, "latin1-caf") {
+			t.Errorf("%s: convert gave no warning naming layer %s and its entry:\n%s", f.tag, nonUTF8, out)
+		}
+		if out := s.pull(ref); !strings.Contains(out, "4 of 5 layers lazy") {
+			t.Errorf("%s: pull: %s", f.tag, out)
+		}
+		got := lazyView(t, s, ref, "view-"+f.tag)
+		if d := treediff.Diff(want, got); len(d) > 0 {
+			t.Errorf("%s: lazy tree differs from overlayfs (%d, first the overlayfs value):\n%s", f.tag, len(d), strings.Join(d, "\n"))
+		}
+		checkRemoteExcept(t, s, ref, nonUTF8)
+	}
+}
+
+// lazyView records the tree of ref's top snapshot in the starling
+// snapshotter as a container sees it: a view mounted the way containerd
+// mounts it (overlay over the FUSE layers and the unpacked ones).
+func lazyView(t *testing.T, s *stack, ref, name string) treediff.Tree {
+	t.Helper()
+	ctx := context.Background()
+	top := chainID(t, s, ref)
+	dir := t.TempDir()
+	// ctr holds the view under a lease of its own that ends with the
+	// command, so the view is mounted from what creating it prints, before
+	// containerd's GC can take it.
+	out, err := s.ctd.Ctr(ctx, "snapshot", "--snapshotter", "starling", "view", "--target", dir, name, top)
+	if err != nil {
 		t.Fatalf("view: %v\n%s", err, out)
 	}
-	defer func() { _, _ = s.ctd.Ctr(ctx, "snapshot", "--snapshotter", "starling", "rm", "treeview") }()
-	lazyDir := t.TempDir()
-	out, err := s.ctd.Ctr(ctx, "snapshot", "--snapshotter", "starling", "mount", lazyDir, "treeview")
-	if err != nil {
-		t.Fatalf("mounts: %v\n%s", err, out)
-	}
+	defer func() { _, _ = s.ctd.Ctr(ctx, "snapshot", "--snapshotter", "starling", "rm", name) }()
 	testenv.Run(t, "sh", "-c", strings.TrimSpace(out))
-	defer testenv.Run(t, "umount", lazyDir)
-	got, err := treediff.Snapshot(lazyDir)
+	defer testenv.Run(t, "umount", dir)
+	tree, err := treediff.Snapshot(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := treediff.Diff(want, got); len(d) > 0 {
-		t.Fatalf("lazy tree differs (%d):\n%s", len(d), strings.Join(d, "\n"))
+	return tree
+}
+
+// checkRemoteExcept asserts that every layer of ref but notLazy mounted
+// lazily, and that notLazy went the ordinary way, with a warning naming it.
+func checkRemoteExcept(t *testing.T, s *stack, ref, notLazy string) {
+	t.Helper()
+	log := s.sd.Log()
+	for _, l := range s.layers(ref) {
+		d := l.Digest.String()
+		lazy := strings.Contains(log, `msg="layer mounted lazily" layer=`+d)
+		switch {
+		case d == notLazy && lazy:
+			t.Errorf("layer %s, whose names a TOC cannot hold, mounted lazily", d)
+		case d == notLazy && !strings.Contains(log, `msg="layer falls back to download and unpack" layer=`+d):
+			t.Errorf("layer %s: no fallback in the log:\n%s", d, log)
+		case d != notLazy && !lazy:
+			t.Errorf("layer %s did not go remote; log:\n%s", d, log)
+		}
 	}
-	if len(got) < 60 {
-		t.Fatalf("only %d paths in the lazy tree", len(got))
+}
+
+// checkHardCases asserts that the reference tree holds the hard cases, so
+// that equality means something, and logs what containerd made of the
+// entries whose unpacking is debatable.
+func checkHardCases(t *testing.T, tree treediff.Tree) {
+	t.Helper()
+	checks := map[string]func(treediff.Node) bool{
+		"modes/f00-0000":                    func(n treediff.Node) bool { return n.Type == "file" && n.Mode == 0 },
+		"modes/d01-4755":                    func(n treediff.Node) bool { return n.Type == "dir" && n.Mode == 0o4755 },
+		"modes/f08-7777":                    func(n treediff.Node) bool { return n.Mode == 0o7777 },
+		"owners/file-4294967294":            func(n treediff.Node) bool { return n.UID == 4294967294 },
+		"owners/dir-4294967294":             func(n treediff.Node) bool { return n.GID == 4294967294 },
+		"devs/max":                          func(n treediff.Node) bool { return n.Type == "block" && n.Rdev == "4095:1048575" },
+		"devs/big-minor":                    func(n treediff.Node) bool { return n.Type == "char" && n.Rdev == "254:70000" },
+		"links/b/fifo-link":                 func(n treediff.Node) bool { return n.Type == "fifo" && n.LinkSet == "links/a/fifo|links/b/fifo-link" },
+		"links/a/group":                     func(n treediff.Node) bool { return n.LinkSet == "links/a/group|links/group3" },
+		"xattrs/cap":                        func(n treediff.Node) bool { return n.Xattrs["security.capability"] != "" },
+		"xattrs/many":                       func(n treediff.Node) bool { return len(n.Xattrs) == 12 },
+		"xattrs/binary":                     func(n treediff.Node) bool { return n.Xattrs["user.bin"] == "000102fffe80000a" },
+		"xattrs":                            func(n treediff.Node) bool { return n.Xattrs["trusted.dir"] == "" && n.Xattrs["user.dir"] != "" },
+		"times/file-y2100":                  func(n treediff.Node) bool { return n.Mtime == 4107542399 },
+		"times/link-y2038":                  func(n treediff.Node) bool { return n.Mtime == 1<<31 },
+		"sizes/large":                       func(n treediff.Node) bool { return n.Size == 20<<20+4097 },
+		"sizes/sparse":                      func(n treediff.Node) bool { return n.Size == 24<<20 },
+		"names/new\nline":                   func(n treediff.Node) bool { return n.Type == "file" },
+		"names/" + strings.Repeat("n", 255): func(n treediff.Node) bool { return n.Type == "file" },
+		"nonutf8/latin1-caf\xe9":            func(n treediff.Node) bool { return n.Type == "file" },
+		"nonutf8/link-to-bad":               func(n treediff.Node) bool { return n.Link == "bad-\xff\xfe-bytes" },
+		"replace/dir-then-file":             func(n treediff.Node) bool { return n.Type == "file" },
+		"replace/file-then-dir":             func(n treediff.Node) bool { return n.Type == "dir" && n.Mode == 0o2750 },
+		"replace/opaque/lowerdir":           func(n treediff.Node) bool { return n.Type == "fifo" },
+		"forged/opaque/lower":               func(n treediff.Node) bool { return n.Type == "file" },
+		"forged/xwhiteout/victim":           func(n treediff.Node) bool { return n.Type == "file" && n.Size == int64(len("upper victim\n")) },
+		"forged/xwhiteout/other":            func(n treediff.Node) bool { return n.Type == "file" },
+		"xattrs/trusted-kept":               func(n treediff.Node) bool { return n.Xattrs["trusted.starling"] == "" && n.Xattrs["user.kept"] != "" },
 	}
-	checkRemote(t, s, esgz)
+	for p, check := range checks {
+		if n, ok := tree[p]; !ok || !check(n) {
+			t.Errorf("reference tree: %q is %+v (present %v)", p, n, ok)
+		}
+	}
+	for _, gone := range []string{"links/b/group2", "xattrs/trusted", "replace/opaque/lower", "data/remove-me", "opaque/old"} {
+		if _, ok := tree[gone]; ok {
+			t.Errorf("reference tree: %q is not whited out", gone)
+		}
+	}
+	deepest := ""
+	for p := range tree {
+		if len(p) > len(deepest) {
+			deepest = p
+		}
+	}
+	if len(deepest) < 3900 {
+		t.Errorf("reference tree: deepest path is %d bytes", len(deepest))
+	}
+	for _, p := range []string{"links/a/suid", "links/b/suid-link", "links/a/cap", "times/file-before1970", "times/file-minus1", "times/file-unix0", "sizes/empty-suid", "xattrs/acl-file", "xattrs/acl-dir", "xattrs/user-symlink", "xattrs/security-other"} {
+		n := tree[p]
+		t.Logf("reference %s: mode %#o owner %d:%d mtime %d xattrs %v nlink %d", p, uint32(n.Mode), n.UID, n.GID, n.Mtime, n.Xattrs, n.Nlink)
+	}
+	t.Logf("reference tree: %d paths, deepest %d bytes", len(tree), len(deepest))
 }
 
 // TestSmallShareOfLargeLayer: reading a few small files of a 100 MB layer

@@ -1,3 +1,5 @@
+//go:build bench
+
 package p2p_test
 
 import (
