@@ -730,11 +730,6 @@ func (b *builder) finish() (*Index, error) {
 	return ix, nil
 }
 
-func parentDir(p string) string {
-	dir, _ := path.Split(p)
-	return strings.TrimSuffix(dir, "/")
-}
-
 // cleanEntryName is estargz's: names are relative to the root.
 func cleanEntryName(name string) string {
 	if isClean(name) {
