@@ -15,7 +15,7 @@ FUZZTIME ?= 5m
 TEST_TIMEOUT ?= 75m
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit race fuzz lint deps demo bench-convert bench-lazy bench-p2p proto clean
+.PHONY: all build test unit race fuzz lint deps demo bench-convert bench-lazy bench-p2p proto clean test-stargz
 
 all: build
 
@@ -32,6 +32,12 @@ test: deps build
 	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZ_SHORT)
+
+# The real stargz-snapshotter, built from its Go module in test/stargz (a
+# module of its own, so the main one does not carry its dependencies), with
+# its registry mirror pointed at starlingd as Dragonfly's users configure it.
+test-stargz: deps build
+	cd test/stargz && STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m -v ./...
 
 unit:
 	$(GO) test -count=1 -short ./...

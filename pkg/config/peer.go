@@ -42,6 +42,12 @@ type Peer struct {
 	// Lazy sends the snapshotter's layer reads through the peer when
 	// schedulers are configured, so lazy pulls share pieces too.
 	Lazy bool `toml:"lazy"`
+	// LazyFallbackAfter bounds how long a lazy read waits for its range
+	// through the peer before it reads the registry directly; the blob
+	// then reads the registry directly for LazyFallbackFor before the peer
+	// is tried once more. A failing scheduler does the same for every blob.
+	LazyFallbackAfter time.Duration `toml:"lazy_fallback_after"`
+	LazyFallbackFor   time.Duration `toml:"lazy_fallback_for"`
 }
 
 // DefaultPeer is the peer section's defaults.
@@ -54,6 +60,8 @@ func DefaultPeer() Peer {
 		Concurrency:       8,
 		PieceTimeout:      30 * time.Second,
 		Lazy:              true,
+		LazyFallbackAfter: 2 * time.Second,
+		LazyFallbackFor:   30 * time.Second,
 	}
 }
 

@@ -41,6 +41,13 @@ type Options struct {
 	AnnounceInterval time.Duration
 	// PieceTimeout bounds one piece download from a parent before it is asked elsewhere.
 	PieceTimeout time.Duration
+	// LazyFallbackAfter is how long a LazyFetcher read waits for its range
+	// through the peer before it reads the registry directly (0: 2s).
+	LazyFallbackAfter time.Duration
+	// LazyFallbackFor is how long a blob's lazy reads go to the registry
+	// directly after the peer path failed, before it is tried once more
+	// (0: 30s).
+	LazyFallbackFor time.Duration
 	// Client fetches from the origin for HTTPSource; nil uses http.DefaultClient.
 	Client     *http.Client
 	Logger     *slog.Logger
@@ -68,6 +75,10 @@ type Request struct {
 	Length int64
 	// Source fetches from the origin; nil makes an HTTPSource of URL and Header.
 	Source Source
+	// Lazy marks a task opened for range reads (a lazily mounted layer):
+	// a restarted peer keeps its pieces for serving but does not resume it
+	// as a full download, and its headers are not written to disk.
+	Lazy bool
 }
 
 // OriginError is an origin's refusal (401, 404, ...). The proxy relays its

@@ -34,6 +34,11 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 		if hs, ok := d.t.src.(*httpSource); ok && r.Header.Get("Authorization") != "" {
 			hs.setHeader(r.Header)
 		}
+		if !r.Lazy && d.t.req.Lazy && r.URL != "" {
+			// A task first opened for range reads is now wanted whole:
+			// a restart finishes it.
+			saveRequest(p.o.Root, r)
+		}
 		return d, nil
 	}
 	src := r.Source
@@ -335,6 +340,9 @@ type savedRequest struct {
 	URL    string              `json:"url"`
 	Header map[string][]string `json:"header,omitempty"`
 	Digest string              `json:"digest,omitempty"`
+	// Lazy tasks are kept for serving, not resumed: their reader is gone
+	// and their credentials were not saved.
+	Lazy bool `json:"lazy,omitempty"`
 }
 
 func requestPath(root, id string) string {
@@ -342,7 +350,13 @@ func requestPath(root, id string) string {
 }
 
 func saveRequest(root string, r Request) {
-	b, _ := json.Marshal(savedRequest{TaskID: r.TaskID, URL: r.URL, Header: r.Header, Digest: r.Digest})
+	sr := savedRequest{TaskID: r.TaskID, URL: r.URL, Header: r.Header, Digest: r.Digest, Lazy: r.Lazy}
+	if r.Lazy {
+		// Nothing resumes a lazy task, so its (short-lived) credentials
+		// need not sit on disk.
+		sr.Header = nil
+	}
+	b, _ := json.Marshal(sr)
 	p := requestPath(root, r.TaskID)
 	_ = os.MkdirAll(filepath.Dir(p), 0o700)
 	// Headers may carry credentials: readable by root only.
@@ -365,6 +379,13 @@ func (p *Peer) resume() {
 		st, ok := p.store.Lookup(sr.TaskID)
 		if !ok || st.Done() {
 			_ = os.Remove(f)
+			continue
+		}
+		if sr.Lazy {
+			// Fetching the rest of a lazily read blob would cost the
+			// origin link what lazy pulling saved (and the request has no
+			// credentials). Its pieces stay, announced and served.
+			p.log.Debug("lazy task not resumed", "task", sr.TaskID)
 			continue
 		}
 		p.wg.Add(1)

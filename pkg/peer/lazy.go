@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"sync"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -24,17 +26,28 @@ type Fetcher interface {
 // ErrFetcherClosed is returned by Fetch after Close.
 var ErrFetcherClosed = errors.New("peer: lazy fetcher closed")
 
+var errSchedulerDown = errors.New("the scheduler does not answer")
+
 // LazyFetcher reads ranges of one blob through the peer, so that a lazily
 // mounted layer on one node leaves pieces that other nodes fetch from it.
-// The task is opened on the first Fetch. When the peer cannot open it, the
-// range comes from direct (the registry), so the layer works without the
-// P2P network. Close releases the task, so that storage GC may collect it;
-// readers still open keep it until they are closed. It is safe for
-// concurrent use.
+// The task is opened on the first Fetch.
+//
+// The peer path is an optimisation, never a dependency: when it fails or
+// is slow for a range, that read goes to direct (the registry) for
+// exactly its range, and a circuit breaker sends the blob's next reads
+// there too for LazyFallbackFor, then lets one read try the peer again. A
+// failing scheduler opens one breaker for the whole peer instead (see
+// lazyShared). Each opening is one log line and one count of
+// starling_peer_lazy_fallback_total.
+//
+// Close releases the task, so that storage GC may collect it; readers
+// still open keep it until they are closed. It is safe for concurrent use.
 type LazyFetcher struct {
 	p      *Peer
 	req    Request
 	direct Fetcher
+	auth   func(context.Context) (string, error)
+	brk    breaker
 
 	mu      sync.Mutex
 	d       *Download
@@ -43,15 +56,32 @@ type LazyFetcher struct {
 	closed  bool
 }
 
+// LazyOption configures a LazyFetcher.
+type LazyOption func(*LazyFetcher)
+
+// WithAuthorization gives the lazy task the Authorization header auth
+// returns ("" when the registry wants none), fetched when the task is
+// opened: the task carries it to the scheduler, so that a seed or parent
+// asked to fetch from the origin on this node's behalf is allowed to.
+// An error sends the read to direct (reason "auth").
+func WithAuthorization(auth func(ctx context.Context) (string, error)) LazyOption {
+	return func(f *LazyFetcher) { f.auth = auth }
+}
+
 // NewLazyFetcher returns a Fetcher of the blob r names (TaskID, URL,
 // Digest and Length should be set; for a registry blob the task ID is its
 // digest). direct reads the blob without the peer; it is also the origin
 // of the task when r.Source is nil, which needs r.Length.
-func (p *Peer) NewLazyFetcher(r Request, direct Fetcher) *LazyFetcher {
+func (p *Peer) NewLazyFetcher(r Request, direct Fetcher, opts ...LazyOption) *LazyFetcher {
 	if r.Source == nil {
 		r.Source = sizedSource{Fetcher: direct, size: r.Length}
 	}
-	return &LazyFetcher{p: p, req: r, direct: direct}
+	r.Lazy = true
+	f := &LazyFetcher{p: p, req: r, direct: direct}
+	for _, o := range opts {
+		o(f)
+	}
+	return f
 }
 
 // RegistryBlobRequest names a layer blob of repo as a task. The task ID is
@@ -78,23 +108,131 @@ func (s sizedSource) Size(context.Context) (int64, error) {
 	return s.size, nil
 }
 
-// Fetch returns length bytes of the blob from off.
+// Fetch returns length bytes of the blob from off: through the peer
+// while that works, else from direct. It never waits past ctx.
 func (f *LazyFetcher) Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error) {
-	d, err := f.acquire(ctx)
-	if errors.Is(err, ErrFetcherClosed) || (err != nil && ctx.Err() != nil) {
+	f.mu.Lock()
+	closed := f.closed
+	f.mu.Unlock()
+	if closed {
+		return nil, ErrFetcherClosed
+	}
+	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if err != nil {
-		// The layer still works without the P2P network.
-		f.p.log.Warn("layer through the peer failed, reading the registry directly", "blob", f.req.TaskID, "err", err)
-		return f.direct.Fetch(ctx, off, length)
+	now := time.Now()
+	if f.p.schedulerOpen(now) {
+		return f.directRead(ctx, off, length, reasonScheduler)
 	}
-	rc, err := d.Fetch(ctx, off, length)
+	ok, probe := f.brk.allow(now)
+	if !ok {
+		_, reason := f.brk.state()
+		return f.directRead(ctx, off, length, reason)
+	}
+	rc, reason, trip, err := f.viaPeer(ctx, off, length)
+	if err == nil {
+		if f.brk.succeed(probe) {
+			f.p.lazy.open.Dec()
+			f.p.log.Info("peer path works again: lazy reads go through the peer", "blob", f.req.TaskID)
+		}
+		return rc, nil
+	}
+	if errors.Is(err, ErrFetcherClosed) || ctx.Err() != nil {
+		f.brk.abandon(probe)
+		return nil, err
+	}
+	if trip {
+		f.fallback(reason, off, length, err, probe)
+	} else {
+		f.brk.abandon(probe)
+	}
+	return f.directRead(ctx, off, length, reason)
+}
+
+// directRead reads the range from direct, counting why.
+func (f *LazyFetcher) directRead(ctx context.Context, off, length int64, reason string) (io.ReadCloser, error) {
+	f.p.lazy.directReads.WithLabelValues(reason).Inc()
+	return f.direct.Fetch(ctx, off, length)
+}
+
+// fallback opens the breaker that reason names (the peer-wide one for
+// the scheduler) and, when that is a new event, logs it and counts it.
+func (f *LazyFetcher) fallback(reason string, off, length int64, err error, probe bool) {
+	period := f.p.o.LazyFallbackFor
+	b := &f.brk
+	if reason == reasonScheduler {
+		// The blob's own probe, if this was one, proved nothing about it.
+		f.brk.abandon(probe)
+		b, probe = &f.p.lazy.sched, false
+	}
+	opened, wasClosed := b.trip(time.Now(), period, reason, probe)
+	if !opened {
+		return
+	}
+	if wasClosed {
+		f.p.lazy.open.Inc()
+	}
+	f.p.lazy.fallbacks.WithLabelValues(reason).Inc()
+	f.p.log.Warn("lazy read through the peer failed: reading the registry directly for "+period.String(),
+		"blob", f.req.TaskID, "range", fmt.Sprintf("%d+%d", off, length), "reason", reason, "err", err)
+}
+
+// viaPeer reads the range through the peer within the budget. On failure
+// it says why, and whether that should open a breaker.
+//
+// "Slow" is measured against what the registry would need for the same
+// range: one round trip and the range's bytes. The peer path hands out a
+// range only once every piece covering it is held, so its first byte is
+// its last; LazyFallbackAfter (2s by default) bounds that wait, which is
+// many origin round trips on any link where P2P pays, and covers what
+// the peer path may legitimately add (scheduler call, a parent's queue, a
+// piece bigger than the range). A peer path that cannot beat it for a
+// range is not worth a blocked reader: the read goes direct.
+func (f *LazyFetcher) viaPeer(ctx context.Context, off, length int64) (_ io.ReadCloser, reason string, trip bool, _ error) {
+	budget := f.p.o.LazyFallbackAfter
+	cut := false
+	if dl, ok := ctx.Deadline(); ok {
+		// Leave the caller half of what remains for the direct read.
+		if half := time.Until(dl) / 2; half < budget {
+			budget, cut = half, true
+		}
+	}
+	if f.p.schedulerDown() {
+		// The task would fetch whole pieces from the origin, on its
+		// own: not what a range read wants.
+		return nil, reasonScheduler, true, errSchedulerDown
+	}
+	bctx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	classify := func(err error, dflt string) (string, bool) {
+		switch {
+		case authError(err):
+			return reasonAuth, true
+		case f.p.schedulerDown():
+			return reasonScheduler, true
+		case bctx.Err() != nil && errors.Is(err, context.DeadlineExceeded):
+			// A budget cut short by the caller's deadline says little
+			// about the peer: this read goes direct, the blob stays.
+			return reasonSlow, !cut
+		}
+		return dflt, true
+	}
+	d, err := f.acquire(bctx)
+	if err != nil {
+		reason, trip := classify(err, reasonOpen)
+		return nil, reason, trip, err
+	}
+	if f.p.schedulerDown() { // found out while opening
+		f.release()
+		return nil, reasonScheduler, true, errSchedulerDown
+	}
+	rc, err := d.Fetch(bctx, off, length)
 	if err != nil {
 		f.release()
-		return nil, err
+		reason, trip := classify(err, reasonFailed)
+		return nil, reason, trip, err
 	}
-	return &lazyReader{ReadCloser: rc, f: f}, nil
+	return &lazyReader{cur: rc, f: f, ctx: ctx, off: off, left: length}, "", false, nil
 }
 
 // acquire returns the open download, opening it first if need be, and
@@ -129,7 +267,7 @@ func (f *LazyFetcher) acquire(ctx context.Context) (*Download, error) {
 	f.opening = ch
 	f.mu.Unlock()
 
-	d, err := f.p.Open(ctx, f.req)
+	d, err := f.open(ctx)
 
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -172,6 +310,9 @@ func (f *LazyFetcher) closeLocked() *Download {
 // Close releases the task once every reader Fetch returned is closed.
 // Fetch fails afterwards. Close is idempotent.
 func (f *LazyFetcher) Close() error {
+	if f.brk.retire() {
+		f.p.lazy.open.Dec()
+	}
 	f.mu.Lock()
 	f.closed = true
 	d := f.closeLocked()
@@ -182,15 +323,72 @@ func (f *LazyFetcher) Close() error {
 	return nil
 }
 
-// lazyReader holds its fetcher's download until closed.
+// open opens the task with fresh credentials.
+func (f *LazyFetcher) open(ctx context.Context) (*Download, error) {
+	r := f.req
+	if f.auth != nil {
+		a, err := f.auth(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", errNoAuth, err)
+		}
+		if a != "" {
+			r.Header = r.Header.Clone()
+			if r.Header == nil {
+				r.Header = http.Header{}
+			}
+			r.Header.Set("Authorization", a)
+		}
+	}
+	return f.p.Open(ctx, r)
+}
+
+// lazyReader streams a range the peer holds, and holds its fetcher's
+// download until closed. Should the local copy fail mid-range (a task
+// discarded after failing verification closes its file), the rest of the
+// range comes from direct: the caller gets its bytes or an error, never
+// a short or wrong range.
 type lazyReader struct {
-	io.ReadCloser
-	f    *LazyFetcher
-	once sync.Once
+	cur       io.ReadCloser
+	f         *LazyFetcher
+	ctx       context.Context // the Fetch call's, for the direct rest
+	off, left int64           // next byte and bytes still to come
+	switched  bool
+	once      sync.Once
+}
+
+func (r *lazyReader) Read(b []byte) (int, error) {
+	if r.left <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(b)) > r.left {
+		b = b[:r.left]
+	}
+	n, err := r.cur.Read(b)
+	r.off += int64(n)
+	r.left -= int64(n)
+	if err == nil || r.left == 0 {
+		return n, nil
+	}
+	if r.switched || r.ctx.Err() != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return n, err
+	}
+	r.switched = true
+	r.f.fallback(reasonFailed, r.off, r.left, err, false)
+	rc, derr := r.f.directRead(r.ctx, r.off, r.left, reasonFailed)
+	if derr != nil {
+		return n, fmt.Errorf("read %d bytes at %d of %s: peer copy: %w; registry: %w", r.left, r.off, r.f.req.TaskID, err, derr)
+	}
+	r.cur.Close()
+	r.cur = rc
+	r.once.Do(r.f.release)
+	return n, nil
 }
 
 func (r *lazyReader) Close() error {
-	err := r.ReadCloser.Close()
+	err := r.cur.Close()
 	r.once.Do(r.f.release)
 	return err
 }

@@ -32,6 +32,7 @@ type Peer struct {
 	id    string
 	log   *slog.Logger
 	m     *metrics
+	lazy  *lazyShared
 	store *storage.Store
 	sched *schedClient // nil: standalone
 	up    *uploader
@@ -70,6 +71,12 @@ func New(o Options) (*Peer, error) {
 	if o.PieceTimeout <= 0 {
 		o.PieceTimeout = 30 * time.Second
 	}
+	if o.LazyFallbackAfter <= 0 {
+		o.LazyFallbackAfter = 2 * time.Second
+	}
+	if o.LazyFallbackFor <= 0 {
+		o.LazyFallbackFor = 30 * time.Second
+	}
 	if o.Client == nil {
 		o.Client = http.DefaultClient
 	}
@@ -100,8 +107,13 @@ func New(o Options) (*Peer, error) {
 		store.Close()
 		return nil, err
 	}
+	lazy, err := newLazyShared(o.Registerer)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Peer{o: o, id: id, log: o.Logger.With("peer", id), m: m, store: store,
+	p := &Peer{o: o, id: id, log: o.Logger.With("peer", id), m: m, lazy: lazy, store: store,
 		ctx: ctx, cancel: cancel, tasks: map[string]*task{}}
 	if len(o.Schedulers) > 0 {
 		p.sched = newSchedClient(p, o.Schedulers)

@@ -2,10 +2,14 @@ package proxy
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"mime/multipart"
 	"net/http"
+	"net/textproto"
 	"net/url"
 	"slices"
 	"strconv"
@@ -42,10 +46,9 @@ func (x *Proxy) serveP2P(w http.ResponseWriter, r *http.Request, u *url.URL) {
 	defer d.Close()
 
 	size := d.Length()
-	off, length, status := int64(0), size, http.StatusOK
-	var contentRange string
+	var ranges []byteRange // nil: the whole blob
 	if rg := r.Header.Get("Range"); rg != "" && x.ifRange(r, digest) {
-		start, n, err := parseRange(rg, size)
+		rs, err := parseRanges(rg, size)
 		switch {
 		case errors.Is(err, errUnsatisfiable):
 			w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", size))
@@ -53,88 +56,230 @@ func (x *Proxy) serveP2P(w http.ResponseWriter, r *http.Request, u *url.URL) {
 			w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
 			return
 		case err == nil:
-			off, length, status = start, n, http.StatusPartialContent
-			contentRange = fmt.Sprintf("bytes %d-%d/%d", off, off+length-1, size)
+			ranges = rs
 			if x.o.Prefetch {
 				d.Start()
 			}
 		}
-		// Otherwise (several ranges, or a header we do not understand) the
-		// answer is the whole blob with 200, which RFC 9110 allows: the
-		// registry clients we serve ask for one range at a time, and a
-		// multipart/byteranges body would be code that nobody uses.
+		// Otherwise (another unit, a header we do not understand, or
+		// ranges that add up to more than the blob) the answer is the
+		// whole blob with 200, which RFC 9110 allows.
 	}
+	a := answer{x: x, w: w, r: r, u: u, d: d, id: id, digest: digest}
+	switch len(ranges) {
+	case 0:
+		a.single(byteRange{0, size}, http.StatusOK)
+	case 1:
+		a.single(ranges[0], http.StatusPartialContent)
+	default:
+		a.multipart(ranges)
+	}
+}
 
-	rd := d.NewReader(ctx, off, length)
+// answer is one P2P response being written. Every byte of it comes from
+// the task's reader, which hands out a piece only once it is verified, so
+// a range answer carries the same guarantee as a whole one.
+type answer struct {
+	x      *Proxy
+	w      http.ResponseWriter
+	r      *http.Request
+	u      *url.URL
+	d      *peer.Download
+	id     string
+	digest string
+}
+
+// headers sets the headers every P2P answer carries.
+func (a *answer) headers(contentType string, length int64) {
+	h := a.w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Content-Length", strconv.FormatInt(length, 10))
+	h.Set(HeaderTask, a.id)
+	if a.digest != "" {
+		h.Set("Docker-Content-Digest", a.digest)
+		h.Set("Etag", `"`+a.digest+`"`)
+	}
+}
+
+// first waits for the first bytes of rd before anything is answered, so
+// that an origin's refusal (an expired token, a deleted blob) is still
+// relayed with its own status; ok is false when it was.
+func (a *answer) first(rd io.Reader, buf []byte) (chunk []byte, ok bool) {
+	k, err := io.ReadAtLeast(rd, buf, 1)
+	if err != nil {
+		a.x.fail(a.w, a.r, a.u, err)
+		return nil, false
+	}
+	return buf[:k], true
+}
+
+// body is the response body: writes are counted, and a failed write ends
+// the response.
+func (a *answer) body() io.Writer {
+	return writerFunc(func(b []byte) (int, error) {
+		n, err := a.w.Write(b)
+		a.x.m.bytes.WithLabelValues("p2p").Add(float64(n))
+		if err != nil {
+			a.x.abort(a.r, a.u, fmt.Errorf("write to client: %w", err))
+		}
+		return n, nil
+	})
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// single answers with one range: the whole blob (200) or a part of it (206).
+func (a *answer) single(br byteRange, status int) {
+	ctx := a.r.Context()
+	size := a.d.Length()
+	rd := a.d.NewReader(ctx, br.off, br.n)
 	defer rd.Close()
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
 	var chunk []byte
-	if length > 0 {
-		// Wait for the first bytes before answering, so that an origin's
-		// refusal (an expired token, a deleted blob) is still relayed with
-		// its own status.
-		k, err := io.ReadAtLeast(rd, buf, 1)
-		if err != nil {
-			x.fail(w, r, u, err)
+	if br.n > 0 {
+		var ok bool
+		if chunk, ok = a.first(rd, buf); !ok {
 			return
 		}
-		chunk = buf[:k]
 	}
+	a.headers("application/octet-stream", br.n)
+	if status == http.StatusPartialContent {
+		a.w.Header().Set("Content-Range", contentRange(br, size))
+	}
+	a.w.WriteHeader(status)
 
-	h := w.Header()
-	h.Set("Content-Type", "application/octet-stream")
-	h.Set("Accept-Ranges", "bytes")
-	h.Set("Content-Length", strconv.FormatInt(length, 10))
-	h.Set(HeaderTask, id)
-	if digest != "" {
-		h.Set("Docker-Content-Digest", digest)
-		h.Set("Etag", `"`+digest+`"`)
-	}
-	if contentRange != "" {
-		h.Set("Content-Range", contentRange)
-	}
-	w.WriteHeader(status)
-
-	counter := x.m.bytes.WithLabelValues("p2p")
-	write := func(b []byte) {
-		if len(b) == 0 {
-			return
-		}
-		n, err := w.Write(b)
-		counter.Add(float64(n))
-		if err != nil {
-			x.abort(r, u, fmt.Errorf("write to client: %w", err))
-		}
-	}
+	out := a.body()
 	// A whole blob's last byte waits until the peer has checked the blob
 	// against its digest: a client that does not check digests itself
 	// then never gets a wrong blob whole, only a cut-off body.
-	verify := digest != "" && status == http.StatusOK && length > 0
+	verify := a.digest != "" && status == http.StatusOK && br.n > 0
 	for sent := int64(0); ; {
-		if verify && sent+int64(len(chunk)) == length {
-			write(chunk[:len(chunk)-1])
-			if err := d.Wait(ctx); err != nil {
-				x.abort(r, u, err)
+		if verify && sent+int64(len(chunk)) == br.n {
+			out.Write(chunk[:len(chunk)-1])
+			if err := a.d.Wait(ctx); err != nil {
+				a.x.abort(a.r, a.u, err)
 			}
-			write(chunk[len(chunk)-1:])
+			out.Write(chunk[len(chunk)-1:])
 			return
 		}
-		write(chunk)
+		out.Write(chunk)
 		sent += int64(len(chunk))
-		if sent >= length {
+		if sent >= br.n {
 			return
 		}
 		k, err := rd.Read(buf)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				err = fmt.Errorf("task %s ended after %d of %d bytes", id, sent, length)
+				err = fmt.Errorf("task %s ended after %d of %d bytes", a.id, br.off+sent, br.off+br.n)
 			}
-			x.abort(r, u, err)
+			a.x.abort(a.r, a.u, err)
 		}
 		chunk = buf[:k]
 	}
+}
+
+// multipart answers with several ranges as one multipart/byteranges body
+// (RFC 9110 14.6), in the order asked, as registries and Dragonfly do:
+// stargz-snapshotter asks for the chunks a read needs in one request.
+func (a *answer) multipart(ranges []byteRange) {
+	ctx := a.r.Context()
+	size := a.d.Length()
+	// Every range's pieces are wanted at once, so they come in parallel.
+	rds := make([]io.ReadCloser, len(ranges))
+	for i, br := range ranges {
+		rds[i] = a.d.NewReader(ctx, br.off, br.n)
+	}
+	defer func() {
+		for _, rd := range rds {
+			rd.Close()
+		}
+	}()
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	chunk, ok := a.first(rds[0], buf)
+	if !ok {
+		return
+	}
+
+	boundary := multipartBoundary()
+	a.headers("multipart/byteranges; boundary="+boundary, multipartLength(boundary, ranges, size))
+	a.w.WriteHeader(http.StatusPartialContent)
+
+	mw := multipart.NewWriter(a.body())
+	if err := mw.SetBoundary(boundary); err != nil {
+		a.x.abort(a.r, a.u, err)
+	}
+	for i, br := range ranges {
+		pw, err := mw.CreatePart(partHeader(br, size))
+		if err != nil {
+			a.x.abort(a.r, a.u, err)
+		}
+		sent := int64(0)
+		if i == 0 {
+			pw.Write(chunk)
+			sent = int64(len(chunk))
+		}
+		for sent < br.n {
+			k, err := rds[i].Read(buf[:min(int64(len(buf)), br.n-sent)])
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					err = fmt.Errorf("task %s ended at %d, in range %d-%d", a.id, br.off+sent, br.off, br.off+br.n-1)
+				}
+				a.x.abort(a.r, a.u, err)
+			}
+			pw.Write(buf[:k])
+			sent += int64(k)
+		}
+	}
+	if err := mw.Close(); err != nil {
+		a.x.abort(a.r, a.u, err)
+	}
+}
+
+func contentRange(br byteRange, size int64) string {
+	return fmt.Sprintf("bytes %d-%d/%d", br.off, br.off+br.n-1, size)
+}
+
+func partHeader(br byteRange, size int64) textproto.MIMEHeader {
+	return textproto.MIMEHeader{
+		"Content-Type":  {"application/octet-stream"},
+		"Content-Range": {contentRange(br, size)},
+	}
+}
+
+// multipartLength is the exact length of the multipart body, so that the
+// answer has a Content-Length and a cut-off body is seen as one.
+func multipartLength(boundary string, ranges []byteRange, size int64) int64 {
+	var c countWriter
+	mw := multipart.NewWriter(&c)
+	_ = mw.SetBoundary(boundary)
+	for _, br := range ranges {
+		_, _ = mw.CreatePart(partHeader(br, size))
+		c += countWriter(br.n)
+	}
+	_ = mw.Close()
+	return int64(c)
+}
+
+type countWriter int64
+
+func (c *countWriter) Write(b []byte) (int, error) {
+	*c += countWriter(len(b))
+	return len(b), nil
+}
+
+// multipartBoundary is a random boundary: the parts are blob bytes, which
+// may hold any fixed string.
+func multipartBoundary() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // bufPool holds copy buffers: a lazy pull through the mirror is many small
