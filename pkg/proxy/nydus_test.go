@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -157,15 +158,15 @@ func (n *nydusd) request(method, path string, hdr http.Header) *http.Response {
 	realm, query := parseChallenge(n.t, resp.Header.Get("Www-Authenticate"))
 	query += "&grant_type=password&username=&password=&client_id=nydus-registry-client"
 	tr := n.call(http.MethodGet, realm+"?"+query, http.Header{}, query)
-	b, _ := io.ReadAll(tr.Body)
-	tr.Body.Close()
-	if tr.StatusCode != http.StatusOK {
-		n.t.Fatalf("token: %d %s", tr.StatusCode, b)
+	var tok struct {
+		Token string `json:"token"`
 	}
-	tok := string(b)
-	tok = tok[strings.Index(tok, `"token":"`)+len(`"token":"`):]
-	tok = tok[:strings.Index(tok, `"`)]
-	n.auth = "Bearer " + tok
+	err := json.NewDecoder(tr.Body).Decode(&tok)
+	tr.Body.Close()
+	if tr.StatusCode != http.StatusOK || err != nil {
+		n.t.Fatalf("token: status %d, %v", tr.StatusCode, err)
+	}
+	n.auth = "Bearer " + tok.Token
 	hdr.Set("Authorization", n.auth)
 	return n.call(method, url, hdr, "")
 }

@@ -67,6 +67,9 @@ var ErrNotRemote = errors.New("layer cannot be mounted remotely")
 // after a restart.
 const (
 	labelTargetSnapshot = "containerd.io/snapshot.ref"
+	// labelRemoteSnapshot marks a remote snapshot for tools that ask (the
+	// reference stargz-snapshotter sets it the same way).
+	labelRemoteSnapshot = "containerd.io/snapshot/remote"
 	labelRemote         = "containerd.io/snapshot/starling.remote"
 	labelMountpoint     = "containerd.io/snapshot/starling.mountpoint"
 )
@@ -192,6 +195,7 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent, target str
 	// parent, so the label stays.
 	commitLabels := maps.Clone(labels)
 	commitLabels[labelRemote] = "true"
+	commitLabels[labelRemoteSnapshot] = "remote snapshot"
 	commitLabels[labelMountpoint] = dir
 	// Commit first, mount after: the overlay snapshotter walks the directory
 	// to account its usage, and walking an empty one is free, where walking

@@ -145,6 +145,10 @@ func TestRemotePrepare(t *testing.T) {
 		if info.Labels["containerd.io/snapshot.ref"] != c.name || info.Labels[snapshotters.TargetLayerDigestLabel] != c.layer {
 			t.Errorf("%s: labels %v", c.name, info.Labels)
 		}
+		// Tools tell remote snapshots by this label, as for the reference.
+		if info.Labels["containerd.io/snapshot/remote"] == "" {
+			t.Errorf("%s: no containerd.io/snapshot/remote label: %v", c.name, info.Labels)
+		}
 		dir := e.mountpoint(c.name)
 		if !fake.isMounted(dir) {
 			t.Errorf("%s: nothing mounted at %s", c.name, dir)
