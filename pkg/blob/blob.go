@@ -141,6 +141,10 @@ type Reader struct {
 	spill      map[string][]byte
 	spillOrder []string
 	spillBytes int64
+	// failed remembers, briefly, chunks whose fetch just gave up: the
+	// kernel retries a failed page read at once (and reads ahead around
+	// it), and each retry would otherwise wait out another FetchTimeout.
+	failed map[string]failure
 
 	fetchRequests, fetchedBytes, chunksFetched, cacheHits, verifyFailures atomic.Int64
 }
@@ -198,6 +202,14 @@ func (r *Reader) keep(d string, data []byte) {
 		r.spillBytes -= int64(len(r.spill[old]))
 		delete(r.spill, old)
 	}
+}
+
+// failMemory is how long a chunk whose fetch gave up fails at once.
+const failMemory = 500 * time.Millisecond
+
+type failure struct {
+	at  time.Time
+	err error
 }
 
 // fetch is one chunk on its way.
@@ -387,6 +399,11 @@ func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
 				continue
 			}
 			seen[c.Digest] = true
+			if fl, ok := r.failed[c.Digest]; ok && time.Since(fl.at) < failMemory && !r.hasLocked(c.Digest) {
+				r.mu.Unlock()
+				r.start(mine)
+				return fl.err
+			}
 			if f, ok := r.inflight[c.Digest]; ok {
 				waits = append(waits, f)
 				continue
@@ -464,6 +481,14 @@ func (r *Reader) finish(g []Chunk, err error) {
 		delete(r.inflight, c.Digest)
 		if err != nil && !r.hasLocked(c.Digest) {
 			f.err = err
+			if !errors.Is(err, ErrClosed) {
+				if r.failed == nil || len(r.failed) > 1024 {
+					r.failed = map[string]failure{}
+				}
+				r.failed[c.Digest] = failure{time.Now(), err}
+			}
+		} else {
+			delete(r.failed, c.Digest)
 		}
 		close(f.done)
 	}

@@ -353,3 +353,25 @@ func TestFullStoreStillServes(t *testing.T) {
 		t.Fatalf("%q %v", p[:n], err)
 	}
 }
+
+// TestFailureRememberedBriefly: right after a chunk's fetch gave up, a read
+// of it fails at once instead of waiting out another timeout; a moment
+// later it is fetched again.
+func TestFailureRememberedBriefly(t *testing.T) {
+	blob, cs := blobOf(t, []byte("later"))
+	f := &flakyFetcher{memFetcher: memFetcher{blob: blob}}
+	f.fail.Store(3)
+	r := NewReader(f, newStore(t), Options{Layer: "test", Decompressor: new(estargz.GzipDecompressor), Attempts: 3})
+	defer r.Close()
+	if err := r.Ensure(context.Background(), cs); err == nil {
+		t.Fatal("three failed attempts succeeded")
+	}
+	n := f.requests.Load()
+	if err := r.Ensure(context.Background(), cs); err == nil || f.requests.Load() != n {
+		t.Fatalf("a read right after the failure: %v, %d more requests", err, f.requests.Load()-n)
+	}
+	time.Sleep(failMemory + 100*time.Millisecond)
+	if err := r.Ensure(context.Background(), cs); err != nil {
+		t.Fatalf("after the failure's memory passed: %v", err)
+	}
+}

@@ -231,8 +231,10 @@ func TestReadFailsWithEIO(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(good, "b")); err != nil || string(b) != "fine" {
 		t.Fatalf("other layer: %q %v", b, err)
 	}
-	// The origin is back: the same read succeeds.
+	// The origin is back: the same read succeeds (once the brief memory
+	// of the failure, which spares the kernel's retries, has passed).
 	mf.fail.Store(false)
+	time.Sleep(600 * time.Millisecond)
 	if b, err := os.ReadFile(filepath.Join(bad, "a")); err != nil || string(b) != "unreachable" {
 		t.Fatalf("after the origin came back: %q %v", b, err)
 	}

@@ -134,6 +134,7 @@ func TestRegistryStopsMidRead(t *testing.T) {
 	}
 
 	s.proxy.Resume()
+	time.Sleep(time.Second) // a chunk that just failed fails at once for 500 ms
 	// The check runs inside the container: a megabyte through ctr's
 	// stdout can lose its tail on a loaded machine, which says nothing
 	// about the file.
