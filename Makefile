@@ -15,7 +15,7 @@ FUZZTIME ?= 5m
 TEST_TIMEOUT ?= 75m
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(HOME)/go/bin/staticcheck)
 
-.PHONY: all build test unit race fuzz lint deps demo bench-convert bench-lazy bench-p2p proto clean test-stargz
+.PHONY: all build test unit race fuzz lint deps demo bench-convert bench-lazy bench-p2p bench-lazy-p2p proto clean test-stargz
 
 all: build
 
@@ -31,6 +31,7 @@ deps:
 test: deps build
 	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
+	cd test/stargz && STARLING_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./...
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZ_SHORT)
 
 # The real stargz-snapshotter, built from its Go module in test/stargz (a
@@ -71,6 +72,9 @@ bench-lazy: deps build
 
 bench-p2p: deps build
 	@./hack/bench-p2p.sh
+
+bench-lazy-p2p: deps build
+	@./hack/bench-lazy-p2p.sh
 
 proto:
 	protoc --go_out=. --go_opt=paths=source_relative \

@@ -37,6 +37,8 @@ func peerOptions(cfg config.Daemon, reg prometheus.Registerer) (peer.Options, er
 		PieceSize:         cfg.Peer.PieceSize,
 		Concurrency:       cfg.Peer.Concurrency,
 		PieceTimeout:      cfg.Peer.PieceTimeout,
+		LazyFallbackAfter: cfg.Peer.LazyFallbackAfter,
+		LazyFallbackFor:   cfg.Peer.LazyFallbackFor,
 		AnnounceInterval:  cfg.Peer.AnnounceInterval,
 		Zone:              cfg.Peer.Zone,
 		Rack:              cfg.Peer.Rack,

@@ -3,6 +3,8 @@ package peer_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"io"
 	"log/slog"
@@ -552,4 +554,128 @@ func readAllFiles(dir string) (string, error) {
 		sb.Write(b)
 	}
 	return sb.String(), nil
+}
+
+// ghostParent makes the scheduler believe peer id at port holds every
+// piece of the blob, without a peer behind it.
+func ghostParent(t *testing.T, s *scheduler.Scheduler, id string, port int, digest string, data []byte, psize int64) {
+	t.Helper()
+	held := scheduler.HeldTask{TaskID: digest, Length: int64(len(data)), PieceSize: psize, Pieces: map[int]string{}}
+	for n := 0; int64(n)*psize < int64(len(data)); n++ {
+		end := min(int64(n+1)*psize, int64(len(data)))
+		s := sha256.Sum256(data[int64(n)*psize : end])
+		held.Pieces[n] = hex.EncodeToString(s[:])
+	}
+	s.AnnounceFull(scheduler.Peer{ID: id, IP: "127.0.0.1", UploadPort: port, Capacity: 8}, []scheduler.HeldTask{held})
+}
+
+// Parents that fail: a dead one (nothing listens) costs the peer path a
+// refused connection and the task takes the piece from the origin itself,
+// within the budget; a hung one (accepts, never answers) leaves the range
+// late, so the read goes to the registry within the budget and the blob's
+// breaker opens.
+func TestLazyParentFailures(t *testing.T) {
+	addr, srv := testenv.StartScheduler(t)
+	const psize = 64 << 10
+	reg := prometheus.NewRegistry()
+	p := newPeer(t, peer.Options{Schedulers: []string{addr}, PieceSize: psize, Registerer: reg, Logger: quiet,
+		AnnounceInterval: 100 * time.Millisecond, PieceTimeout: time.Minute, LazyFallbackAfter: 500 * time.Millisecond})
+
+	t.Run("dead", func(t *testing.T) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		mb, digest := newMemBlob(t, 256<<10)
+		ghostParent(t, srv.Scheduler(), "dead-parent", port, digest, mb.data, psize)
+		src := &originSource{memBlob: mb}
+		f := p.NewLazyFetcher(peer.Request{TaskID: digest, Digest: digest, Length: int64(len(mb.data)), Source: src}, mb)
+		defer f.Close()
+		if got := readRange(t, f, 70<<10, 1000); !bytes.Equal(got, mb.data[70<<10:70<<10+1000]) {
+			t.Fatal("wrong bytes")
+		}
+		if src.fetchCalls.Load() == 0 && mb.calls.Load() == 0 {
+			t.Fatal("the range came from nowhere")
+		}
+		t.Logf("dead parent: %d origin pieces through the peer, %d direct reads", src.fetchCalls.Load(), mb.calls.Load())
+	})
+
+	t.Run("hung", func(t *testing.T) {
+		var asked atomic.Int64
+		release := make(chan struct{})
+		hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			asked.Add(1)
+			select {
+			case <-r.Context().Done():
+			case <-release:
+			}
+		}))
+		defer hung.Close()
+		defer close(release)
+		port := hung.Listener.Addr().(*net.TCPAddr).Port
+		mb, digest := newMemBlob(t, 256<<10)
+		ghostParent(t, srv.Scheduler(), "hung-parent", port, digest, mb.data, psize)
+		src := &originSource{memBlob: mb}
+		f := p.NewLazyFetcher(peer.Request{TaskID: digest, Digest: digest, Length: int64(len(mb.data)), Source: src}, mb)
+		defer f.Close()
+		start := time.Now()
+		if got := readRange(t, f, 130<<10, 1000); !bytes.Equal(got, mb.data[130<<10:130<<10+1000]) {
+			t.Fatal("wrong bytes")
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("the read took %v with a 500ms budget", d)
+		}
+		if asked.Load() == 0 {
+			t.Error("the hung parent was never asked")
+		}
+		if n := testenv.Counter(t, reg, "starling_peer_lazy_fallback_total", "reason", "slow"); n != 1 {
+			t.Errorf("fallback_total{reason=slow} = %v, want 1", n)
+		}
+		if mb.calls.Load() != 1 {
+			t.Errorf("%d direct reads, want 1", mb.calls.Load())
+		}
+	})
+}
+
+// A range handed out from the peer's copy that fails mid-read (the task
+// was discarded: the whole blob did not match its digest) is finished
+// from the registry: the reader gets the right bytes, not an error or a
+// short range.
+func TestLazyReaderFinishesFromRegistry(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	logs := &logBuf{}
+	p := newPeer(t, peer.Options{PieceSize: 64 << 10, Registerer: reg, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	mb, _ := newMemBlob(t, 128<<10)
+	_, wrong := newMemBlob(t, 10)
+	// The task's digest is wrong, so once whole it fails verification
+	// and its file goes.
+	f := p.NewLazyFetcher(peer.Request{TaskID: wrong, Digest: wrong, Length: int64(len(mb.data))}, mb)
+	defer f.Close()
+	rc, err := f.Fetch(context.Background(), 100, 50<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if got := readRange(t, f, 70<<10, 1000); !bytes.Equal(got, mb.data[70<<10:70<<10+1000]) {
+		t.Fatal("second range: wrong bytes")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for logs.count("task failed verification") == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the task was not discarded")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	got, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, mb.data[100:100+50<<10]) {
+		t.Fatalf("read %d bytes across the discard; wrong bytes", len(got))
+	}
+	if n := testenv.Counter(t, reg, "starling_peer_lazy_fallback_total", "reason", "failed"); n != 1 {
+		t.Errorf("fallback_total{reason=failed} = %v, want 1", n)
+	}
 }

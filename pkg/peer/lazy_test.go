@@ -203,8 +203,9 @@ func (s blockingSource) Size(ctx context.Context) (int64, error) {
 	}
 }
 
-// A Fetch waiting for another's Open of the task gives up with its own
-// context; the Open, once it ends, serves the rest.
+// A Fetch waiting for another's Open of the task gives up on the peer
+// within its own context and reads the registry directly; the Open, once
+// it ends, serves the rest.
 func TestLazyFetcherWaitHonoursContext(t *testing.T) {
 	p := standalonePeer(t)
 	blob, digest := newMemBlob(t, 8<<10)
@@ -223,11 +224,13 @@ func TestLazyFetcherWaitHonoursContext(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	if _, err := f.Fetch(ctx, 0, 10); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("waiting Fetch: err = %v", err)
+	if got := fetchCtx(t, ctx, f, 0, 10); !bytes.Equal(got, blob.data[:10]) {
+		t.Fatal("waiting Fetch: wrong bytes")
 	}
-	if d := time.Since(start); d > 2*time.Second {
-		t.Fatalf("waiting Fetch took %v after its deadline", d)
+	// Half the 50ms goes to the peer path, then the registry answers
+	// from memory: anything near 250ms waited past the deadline.
+	if d := time.Since(start); d > 250*time.Millisecond {
+		t.Fatalf("waiting Fetch took %v, past its deadline", d)
 	}
 	close(src.release)
 	if err := <-first; err != nil {

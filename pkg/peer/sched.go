@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -216,6 +217,11 @@ func (c *schedClient) leave(ctx context.Context) {
 func workOf(r Request) *schedulerpb.Work {
 	w := &schedulerpb.Work{TaskId: r.TaskID, Url: r.URL, Digest: r.Digest, Header: map[string]*schedulerpb.HeaderValues{}}
 	for k, v := range r.Header {
+		if r.Lazy && strings.EqualFold(k, "Authorization") {
+			// A lazy read's credentials stay on this node: the node reads
+			// what others cannot fetch for it from the registry itself.
+			continue
+		}
 		w.Header[k] = &schedulerpb.HeaderValues{Values: v}
 	}
 	return w

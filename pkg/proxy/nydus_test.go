@@ -38,8 +38,6 @@ func newTokenRegistry(t *testing.T, size int) *tokenRegistry {
 	return r
 }
 
-func (r *tokenRegistry) host() string { return strings.TrimPrefix(r.srv.URL, "http://") }
-
 func (r *tokenRegistry) serve(w http.ResponseWriter, req *http.Request) {
 	r.mu.Lock()
 	r.seen = append(r.seen, fmt.Sprintf("%s %s auth=%s dragonfly=%s range=%s", req.Method, req.URL.Path,

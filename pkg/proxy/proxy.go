@@ -238,6 +238,10 @@ func (x *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
+	if x.log.Enabled(r.Context(), slog.LevelDebug) {
+		// Without the query: presigned URLs carry their credentials there.
+		x.log.Debug("proxy request", "method", r.Method, "url", u.Scheme+"://"+u.Host+u.EscapedPath(), "p2p", x.p2p(r, u), "range", r.Header.Get("Range"))
+	}
 	if x.p2p(r, u) {
 		x.m.requests.WithLabelValues("p2p").Inc()
 		x.serveP2P(w, r, u)

@@ -138,6 +138,12 @@ func (s *Store) Task(id string, length, pieceSize int64, digest string) (*Task, 
 	if !found {
 		t.m = meta{Length: length, PieceSize: pieceSize, Digest: digest, Pieces: map[int]string{}, LastUse: time.Now()}
 	}
+	return s.openLocked(t)
+}
+
+// openLocked opens the file of t and keeps t; s.mu is held.
+func (s *Store) openLocked(t *Task) (*Task, error) {
+	id := t.id
 	p := s.path(id)
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return nil, err
@@ -146,7 +152,7 @@ func (s *Store) Task(id string, length, pieceSize int64, digest string) (*Task, 
 	if err != nil {
 		return nil, fmt.Errorf("task %s: %w", id, err)
 	}
-	if err := f.Truncate(length); err != nil {
+	if err := f.Truncate(t.m.Length); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("task %s: %w", id, err)
 	}
@@ -161,18 +167,19 @@ func (s *Store) Task(id string, length, pieceSize int64, digest string) (*Task, 
 
 // Lookup returns a task the store holds, without creating it.
 func (s *Store) Lookup(id string) (*Task, bool) {
+	// Under the lock, like Task and Remove: a task removed meanwhile is
+	// not brought back as an empty one.
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if t, ok := s.tasks[id]; ok {
-		s.mu.Unlock()
 		return t, true
 	}
-	s.mu.Unlock()
-	var m meta
-	found, err := s.load(id, &m)
+	t := &Task{s: s, id: id}
+	found, err := s.load(id, &t.m)
 	if err != nil || !found {
 		return nil, false
 	}
-	t, err := s.Task(id, m.Length, m.PieceSize, m.Digest)
+	t, err = s.openLocked(t)
 	return t, err == nil
 }
 
@@ -421,14 +428,18 @@ func (s *Store) Remove(id string) error {
 	s.mu.Lock()
 	t := s.tasks[id]
 	delete(s.tasks, id)
+	// The metadata goes first, under the lock: a Lookup that misses the
+	// map then finds no metadata either, and cannot bring back an empty
+	// task whose file is about to go.
+	err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTasks).Delete([]byte(id)) })
 	s.mu.Unlock()
 	if t != nil {
 		t.f.Close()
 	}
-	if err := os.Remove(s.path(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	if rerr := os.Remove(s.path(id)); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		return errors.Join(err, rerr)
 	}
-	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTasks).Delete([]byte(id)) })
+	return err
 }
 
 // GC removes tasks unused for longer than MaxAge, then, while the stored

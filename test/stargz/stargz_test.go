@@ -68,7 +68,15 @@ func TestStargzSnapshotterThroughStarlingd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unmountUnder(dir); os.RemoveAll(dir) })
+	t.Cleanup(func() {
+		unmountUnder(dir)
+		if os.Getenv("STARGZ_TEST_KEEP") != "" {
+			// Every daemon's log stays there, for a look after the run.
+			t.Logf("kept %s", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	})
 
 	start := time.Now()
 	snapshotterBin := filepath.Join(dir, "stargz-snapshotter")
@@ -107,52 +115,21 @@ func TestStargzSnapshotterThroughStarlingd(t *testing.T) {
 	waitTCP(t, sched, schedAddr)
 
 	type node struct {
-		name      string
-		ctd       string // containerd's socket
-		proxy     string // starlingd's proxy host:port
-		metrics   string
-		starlingd *proc
+		name string
+		ctd  string // containerd's socket
+		*starlingd
 	}
 	startNode := func(name string) *node {
 		n := &node{name: name}
 		root := filepath.Join(dir, name)
-		os.MkdirAll(root, 0o700)
-		proxyPort, metricsPort, healthPort, uploadPort := freePort(t), freePort(t), freePort(t), freePort(t)
-		n.proxy = fmt.Sprintf("127.0.0.1:%d", proxyPort)
-		n.metrics = fmt.Sprintf("127.0.0.1:%d", metricsPort)
-		health := fmt.Sprintf("127.0.0.1:%d", healthPort)
-		sdCfg := filepath.Join(root, "starlingd.toml")
-		os.WriteFile(sdCfg, []byte(fmt.Sprintf("[resolver.host.%q]\ninsecure = true\n", viaP2P.addr)), 0o644)
-		n.starlingd = startProc(t, dir, name+"-starlingd", bin("starlingd"),
-			"--config", sdCfg, "--root", filepath.Join(root, "starling"), "--snapshotter=false",
-			"--scheduler", schedAddr, "--advertise-ip", "127.0.0.1", "--log-level", "debug",
-			"--upload-listen", fmt.Sprintf("127.0.0.1:%d", uploadPort), "--proxy-listen", n.proxy,
-			"--metrics-listen", n.metrics, "--health-listen", health)
-		waitFor(t, 30*time.Second, name+" starlingd healthy", func() bool {
-			if n.starlingd.exited() {
-				t.Fatalf("%s starlingd exited:\n%s", name, n.starlingd.log())
-			}
-			// nydusd's and Dragonfly's ping_url.
-			resp, err := http.Get("http://" + health + "/healthy")
-			if err != nil {
-				return false
-			}
-			resp.Body.Close()
-			return resp.StatusCode == http.StatusOK
-		})
+		n.starlingd = startStarlingd(t, dir, name, bin("starlingd"), schedAddr, viaP2P.addr)
 
 		// The stargz snapshotter, configured as Dragonfly's documentation
 		// says, with the mirror pointed at this node's starlingd.
 		// Background fetch is off so that both nodes read the same chunks.
 		sock := filepath.Join(root, "stargz.sock")
 		snCfg := filepath.Join(root, "stargz.toml")
-		os.WriteFile(snCfg, []byte(fmt.Sprintf(`no_background_fetch = true
-
-[[resolver.host.%q.mirrors]]
-host = %q
-insecure = true
-header = { X-Dragonfly-Registry = ["http://%s"] }
-`, direct.addr, n.proxy, viaP2P.addr)), 0o644)
+		os.WriteFile(snCfg, []byte("no_background_fetch = true\n\n"+mirrorConfig(direct.addr, n.proxy, viaP2P.addr)), 0o644)
 		sn := startProc(t, dir, name+"-stargz", snapshotterBin, "--address", sock, "--config", snCfg,
 			"--root", filepath.Join(root, "stargz"), "--log-level", "debug")
 		waitFor(t, 30*time.Second, name+" stargz socket", func() bool {
@@ -229,7 +206,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 	t.Logf("node1: pull and run %v; starlingd proxy: %v p2p requests; registry: %d of %d layer bytes through starlingd, %d directly",
 		d1.Round(time.Millisecond), p2pReqs, layerBytes(viaP2P), total, layerBytes(direct))
 	if p2pReqs == 0 {
-		t.Errorf("no request went through starlingd's P2P path:\n%s", n1.starlingd.log())
+		t.Errorf("no request went through starlingd's P2P path:\n%s", n1.proc.log())
 	}
 	if layerBytes(viaP2P) == 0 {
 		t.Error("no layer byte reached the registry through starlingd")
@@ -246,8 +223,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 	before := layerBytes(viaP2P)
 	n2 := startNode("node2")
 	d2 := runOn(n2)
-	t.Logf("node2: pull and run %v; starlingd proxy: %v p2p requests; registry: %d more layer bytes through starlingd, %d directly",
-		d2.Round(time.Millisecond), metric(t, n2.metrics, `starling_proxy_requests_total{path="p2p"}`), layerBytes(viaP2P)-before, layerBytes(direct))
+	t.Logf("node2: pull and run %v; starlingd proxy: %v p2p requests, %v piece bytes from node1's peer; registry: %d more layer bytes through starlingd, %d directly",
+		d2.Round(time.Millisecond), metric(t, n2.metrics, `starling_proxy_requests_total{path="p2p"}`),
+		metric(t, n2.metrics, `starling_peer_piece_bytes_total{source="parent"}`), layerBytes(viaP2P)-before, layerBytes(direct))
 	if got := layerBytes(viaP2P) - before; got != 0 {
 		t.Errorf("the second node took %d layer bytes from the registry, want 0", got)
 	}
@@ -257,6 +235,57 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 	for _, l := range layers {
 		t.Logf("layer %s (%d bytes): %d bytes through starlingd", l.Digest, l.Size, viaP2P.blobBytes(l.Digest))
 	}
+}
+
+// mirrorConfig is the stargz snapshotter's resolver section as Dragonfly's
+// documentation writes it: registry's blobs through the mirror at proxy,
+// which fetches them from upstream (X-Dragonfly-Registry).
+func mirrorConfig(registry, proxy, upstream string) string {
+	return fmt.Sprintf(`[[resolver.host.%q.mirrors]]
+host = %q
+insecure = true
+header = { X-Dragonfly-Registry = ["http://%s"] }
+`, registry, proxy, upstream)
+}
+
+// starlingd is one starlingd with its peer and proxy on (no snapshotter).
+type starlingd struct {
+	proxy   string // host:port of the proxy
+	metrics string
+	proc    *proc
+}
+
+// startStarlingd starts a starlingd whose upstream registry, a plain HTTP
+// one, is upstream; schedAddr "" runs the peer without a scheduler.
+func startStarlingd(t *testing.T, dir, name, bin, schedAddr, upstream string) *starlingd {
+	t.Helper()
+	root := filepath.Join(dir, name)
+	os.MkdirAll(root, 0o700)
+	s := &starlingd{proxy: fmt.Sprintf("127.0.0.1:%d", freePort(t)), metrics: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	health := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg := filepath.Join(root, "starlingd.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf("[resolver.host.%q]\ninsecure = true\n", upstream)), 0o644)
+	args := []string{"--config", cfg, "--root", filepath.Join(root, "starling"), "--snapshotter=false",
+		"--advertise-ip", "127.0.0.1", "--log-level", "debug",
+		"--upload-listen", fmt.Sprintf("127.0.0.1:%d", freePort(t)), "--proxy-listen", s.proxy,
+		"--metrics-listen", s.metrics, "--health-listen", health}
+	if schedAddr != "" {
+		args = append(args, "--scheduler", schedAddr)
+	}
+	s.proc = startProc(t, dir, name+"-starlingd", bin, args...)
+	waitFor(t, 30*time.Second, name+" starlingd healthy", func() bool {
+		if s.proc.exited() {
+			t.Fatalf("%s starlingd exited:\n%s", name, s.proc.log())
+		}
+		// nydusd's and Dragonfly's ping_url.
+		resp, err := http.Get("http://" + health + "/healthy")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return s
 }
 
 // proc is a daemon the test started; it is stopped when the test ends.
