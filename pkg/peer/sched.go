@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -215,13 +214,16 @@ func (c *schedClient) leave(ctx context.Context) {
 }
 
 func workOf(r Request) *schedulerpb.Work {
-	w := &schedulerpb.Work{TaskId: r.TaskID, Url: r.URL, Digest: r.Digest, Header: map[string]*schedulerpb.HeaderValues{}}
+	w := &schedulerpb.Work{TaskId: r.TaskID, Digest: r.Digest, Header: map[string]*schedulerpb.HeaderValues{}}
+	if r.Lazy {
+		// A lazy task goes to the scheduler without its URL and headers:
+		// no seed is queued to pull the whole blob for a few ranges (the
+		// nodes that read fetch what nobody holds themselves), and the
+		// node's registry credentials stay on the node.
+		return w
+	}
+	w.Url = r.URL
 	for k, v := range r.Header {
-		if r.Lazy && strings.EqualFold(k, "Authorization") {
-			// A lazy read's credentials stay on this node: the node reads
-			// what others cannot fetch for it from the registry itself.
-			continue
-		}
 		w.Header[k] = &schedulerpb.HeaderValues{Values: v}
 	}
 	return w
