@@ -42,7 +42,13 @@ func pushConverted(t *testing.T, c *registry.Client, repo string, img v1.Image) 
 
 func newManager(t *testing.T, c *registry.Client, fs config.FS) *layer.Manager {
 	t.Helper()
-	m, err := layer.NewManager(layer.Options{Root: t.TempDir(), Registry: c, FS: fs})
+	return manager(t, layer.Options{Root: t.TempDir(), Registry: c, FS: fs})
+}
+
+// manager makes a Manager that is closed when the test ends.
+func manager(t *testing.T, o layer.Options) *layer.Manager {
+	t.Helper()
+	m, err := layer.NewManager(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,19 +70,7 @@ func mountAll(t *testing.T, m *layer.Manager, repo name.Repository, img v1.Image
 	var dirs []string
 	var layers []*layer.Layer
 	for _, d := range mf.Layers {
-		l, err := m.Resolve(context.Background(), repo, d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dir := t.TempDir()
-		if err := l.Mount(dir); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := l.Unmount(); err != nil {
-				t.Error(err)
-			}
-		})
+		l, dir := mountLayer(t, m, repo, d)
 		dirs = append(dirs, dir)
 		layers = append(layers, l)
 	}

@@ -99,19 +99,26 @@ var repo, _ = name.NewRepository("example.invalid/test")
 
 func memManager(t *testing.T, fs config.FS, store blob.Store, blobs map[v1.Hash]*memBlob) *layer.Manager {
 	t.Helper()
-	m, err := layer.NewManager(layer.Options{
+	return manager(t, layer.Options{
 		Root: t.TempDir(), FS: fs, Store: store,
 		Fetcher: func(_ name.Repository, d v1.Descriptor) blob.Fetcher { return blobs[d.Digest] },
 	})
+}
+
+// mountLayer resolves desc and mounts it on a new directory; the layer is
+// unmounted when the test ends (again, if the test did it already).
+func mountLayer(t *testing.T, m *layer.Manager, repo name.Repository, desc v1.Descriptor) (*layer.Layer, string) {
+	t.Helper()
+	l, err := m.Resolve(context.Background(), repo, desc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := m.Close(); err != nil {
-			t.Error(err)
-		}
-	})
-	return m
+	dir := t.TempDir()
+	if err := l.Mount(dir); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Unmount() })
+	return l, dir
 }
 
 func requireRoot(t *testing.T) {
@@ -137,15 +144,7 @@ func TestUnmountEndsBackgroundFetch(t *testing.T) {
 	fs.Prefetch, fs.BackgroundFetch, fs.BackgroundFetchDelay = false, true, 0
 	store, _ := chunkcache.Open(t.TempDir(), 0)
 	m := memManager(t, fs, store, map[v1.Hash]*memBlob{desc.Digest: mb})
-
-	l, err := m.Resolve(context.Background(), repo, desc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := l.Mount(dir); err != nil {
-		t.Fatal(err)
-	}
+	l, dir := mountLayer(t, m, repo, desc)
 	if b, err := os.ReadFile(filepath.Join(dir, files[3].name)); err != nil || !bytes.Equal(b, files[3].data) {
 		t.Fatalf("read: %d bytes, %v", len(b), err)
 	}
@@ -215,14 +214,7 @@ func TestHostileLayersRefused(t *testing.T) {
 	fs := config.DefaultFS()
 	fs.BackgroundFetch = false
 	m := memManager(t, fs, store, blobs)
-	good, err := m.Resolve(context.Background(), repo, goodDesc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := good.Mount(dir); err != nil {
-		t.Fatal(err)
-	}
+	_, dir := mountLayer(t, m, repo, goodDesc)
 	for i, c := range cases {
 		t.Run(c.Name, func(t *testing.T) {
 			mfs := fs
@@ -281,14 +273,7 @@ func TestHotSetSurvivesQuota(t *testing.T) {
 	fs := config.DefaultFS()
 	fs.Prefetch, fs.BackgroundFetch, fs.Passthrough = false, false, false
 	m := memManager(t, fs, store, map[v1.Hash]*memBlob{desc.Digest: mb})
-	l, err := m.Resolve(context.Background(), repo, desc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := l.Mount(dir); err != nil {
-		t.Fatal(err)
-	}
+	l, dir := mountLayer(t, m, repo, desc)
 	read := func(f file) {
 		t.Helper()
 		fd, err := os.Open(filepath.Join(dir, f.name))
