@@ -39,6 +39,15 @@ type Fetcher interface {
 	Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error)
 }
 
+// DirectFetcher is a Fetcher that can also read from the origin itself,
+// bypassing what sits in between (the P2P network). After bytes fail
+// verification the Reader asks for them this way, so that a corrupt peer
+// costs a refetch, not the read.
+type DirectFetcher interface {
+	Fetcher
+	FetchDirect(ctx context.Context, off, length int64) (io.ReadCloser, error)
+}
+
 // RangeReader is the part of a registry client that a RegistryFetcher needs.
 type RangeReader interface {
 	BlobRange(ctx context.Context, repo name.Repository, h v1.Hash, off, length int64) (io.ReadCloser, error)
@@ -533,8 +542,9 @@ func (r *Reader) fetchGroup(g []Chunk) (err error) {
 	ctx, cancel := context.WithTimeout(r.ctx, r.o.FetchTimeout)
 	defer cancel()
 	verifyFailures := 0
+	fetch := r.fetcher.Fetch
 	for attempt := 1; ; attempt++ {
-		err = r.fetchOnce(ctx, g, start, end)
+		err = r.fetchOnce(ctx, fetch, g, start, end)
 		if err == nil {
 			return nil
 		}
@@ -542,10 +552,14 @@ func (r *Reader) fetchGroup(g []Chunk) (err error) {
 			return fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed)
 		}
 		if errors.Is(err, ErrVerify) {
-			// A chunk that does not match may be corrupted on the way;
-			// fetch once more before giving up.
+			// A chunk that does not match may be corrupted on the way or
+			// by a peer; fetch once more, from the origin itself where the
+			// fetcher can, before giving up.
 			if verifyFailures++; verifyFailures >= 2 {
 				break
+			}
+			if d, ok := r.fetcher.(DirectFetcher); ok {
+				fetch = d.FetchDirect
 			}
 		}
 		if attempt >= r.o.Attempts || ctx.Err() != nil {
@@ -567,9 +581,9 @@ func (r *Reader) fetchGroup(g []Chunk) (err error) {
 // fetchOnce makes one request for [start,end) and stores each chunk as soon
 // as its bytes have arrived, so that a reader of the first chunk of a long
 // run does not wait for the rest.
-func (r *Reader) fetchOnce(ctx context.Context, g []Chunk, start, end int64) error {
+func (r *Reader) fetchOnce(ctx context.Context, fetch func(ctx context.Context, off, length int64) (io.ReadCloser, error), g []Chunk, start, end int64) error {
 	r.fetchRequests.Add(1)
-	rc, err := r.fetcher.Fetch(ctx, start, end-start)
+	rc, err := fetch(ctx, start, end-start)
 	if err != nil {
 		return fmt.Errorf("layer %s chunk %s: fetch bytes %d-%d: %w", r.o.Layer, g[0].Digest, start, end-1, err)
 	}

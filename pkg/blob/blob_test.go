@@ -375,3 +375,40 @@ func TestFailureRememberedBriefly(t *testing.T) {
 		t.Fatalf("after the failure's memory passed: %v", err)
 	}
 }
+
+// corruptingPeer gives corrupt bytes on its peer path and right ones from
+// the origin directly.
+type corruptingPeer struct {
+	memFetcher
+	direct atomic.Int64
+}
+
+func (c *corruptingPeer) Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error) {
+	c.requests.Add(1)
+	b := append([]byte(nil), c.blob[off:off+length]...)
+	for i := range b {
+		b[i] ^= 0x55
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+func (c *corruptingPeer) FetchDirect(ctx context.Context, off, length int64) (io.ReadCloser, error) {
+	c.direct.Add(1)
+	return c.memFetcher.Fetch(ctx, off, length)
+}
+
+// TestCorruptPeerRefetchedFromOrigin: a chunk that arrives corrupted
+// through the peer is caught by its digest and fetched from the origin
+// itself; the reader gets the right bytes.
+func TestCorruptPeerRefetchedFromOrigin(t *testing.T) {
+	blob, cs := blobOf(t, []byte("the real bytes"))
+	f := &corruptingPeer{memFetcher: memFetcher{blob: blob}}
+	r := newTestReader(t, f)
+	p := make([]byte, 14)
+	if n, err := r.ReadAt(context.Background(), cs[0], p, 0); err != nil || string(p[:n]) != "the real bytes" {
+		t.Fatalf("%q %v", p[:n], err)
+	}
+	if f.direct.Load() != 1 || r.Stats().VerifyFailures != 1 {
+		t.Fatalf("%d direct fetches, %d verify failures; want the corrupt chunk caught once and fetched from the origin", f.direct.Load(), r.Stats().VerifyFailures)
+	}
+}

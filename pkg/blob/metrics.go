@@ -24,8 +24,28 @@ var (
 
 func init() { prometheus.MustRegister(metricVerifyFailures, metricFetchedBytes, metricFetchRequests) }
 
-// Counted wraps a Fetcher so that what it returns shows in the metrics.
-func Counted(f Fetcher) Fetcher { return countedFetcher{f} }
+// Counted wraps a Fetcher so that what it returns shows in the metrics. A
+// DirectFetcher stays one.
+func Counted(f Fetcher) Fetcher {
+	if d, ok := f.(DirectFetcher); ok {
+		return countedDirect{countedFetcher{f}, d}
+	}
+	return countedFetcher{f}
+}
+
+type countedDirect struct {
+	countedFetcher
+	d DirectFetcher
+}
+
+func (c countedDirect) FetchDirect(ctx context.Context, off, length int64) (io.ReadCloser, error) {
+	metricFetchRequests.Inc()
+	rc, err := c.d.FetchDirect(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	return countedBody{rc}, nil
+}
 
 type countedFetcher struct{ f Fetcher }
 

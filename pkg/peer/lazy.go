@@ -149,6 +149,19 @@ func (f *LazyFetcher) Fetch(ctx context.Context, off, length int64) (io.ReadClos
 	return f.directRead(ctx, off, length, reason)
 }
 
+// reasonCorrupt is a range whose bytes, through the peer, failed the
+// reader's own verification (a chunk digest of the layer's TOC).
+const reasonCorrupt = "corrupt"
+
+// FetchDirect reads the range from the registry, not through the peer:
+// the reader calls it after bytes that came through the peer failed its
+// verification, so that a corrupt parent or piece cannot fail the read.
+// The blob's breaker opens, so its next reads skip the peer for a while.
+func (f *LazyFetcher) FetchDirect(ctx context.Context, off, length int64) (io.ReadCloser, error) {
+	f.fallback(reasonCorrupt, off, length, errors.New("bytes through the peer failed verification"), false)
+	return f.directRead(ctx, off, length, reasonCorrupt)
+}
+
 // directRead reads the range from direct, counting why.
 func (f *LazyFetcher) directRead(ctx context.Context, off, length int64, reason string) (io.ReadCloser, error) {
 	f.p.lazy.directReads.WithLabelValues(reason).Inc()

@@ -250,3 +250,28 @@ func TestRegistryBlobRequest(t *testing.T) {
 		t.Fatalf("%+v", r)
 	}
 }
+
+// After bytes through the peer failed the reader's verification, the
+// reader asks for the range from the origin itself: FetchDirect reads
+// direct, and the blob's next reads skip the peer for a while.
+func TestLazyFetcherFetchDirectAfterCorruption(t *testing.T) {
+	p := standalonePeer(t)
+	blob, digest := newMemBlob(t, 300<<10)
+	f := p.NewLazyFetcher(peer.Request{TaskID: digest, URL: "http://reg.invalid/v2/x/blobs/" + digest, Digest: digest, Length: int64(len(blob.data))}, blob)
+	defer f.Close()
+	before := blob.calls.Load()
+	rc, err := f.FetchDirect(context.Background(), 100, 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(rc)
+	rc.Close()
+	if !bytes.Equal(got, blob.data[100:150]) || blob.calls.Load() != before+1 {
+		t.Fatalf("FetchDirect: %d bytes, %d direct calls", len(got), blob.calls.Load()-before)
+	}
+	// The breaker is open: the next read goes direct too, exactly its range.
+	before = blob.calls.Load()
+	if got := readRange(t, f, 200<<10, 10); !bytes.Equal(got, blob.data[200<<10:200<<10+10]) || blob.calls.Load() != before+1 {
+		t.Fatalf("read after a corrupt range: %d direct calls", blob.calls.Load()-before)
+	}
+}
