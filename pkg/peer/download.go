@@ -59,7 +59,11 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 			}
 		}
 		psize := p.o.PieceSize
-		if psize <= 0 {
+		switch {
+		case psize > 0:
+		case r.Lazy:
+			psize = piece.LazySize
+		default:
 			psize = piece.SizeFor(length)
 		}
 		// Every peer must cut a task the same way: the first registration

@@ -12,6 +12,12 @@
 // 1.4 to 1.6 times one peer's time instead of 1.8.
 package piece
 
+// LazySize is the piece size of a task a lazily mounted layer opens. Its
+// reads want a few chunks of the blob, not the whole: a piece is what a
+// read must wait for and what the origin must send for it, so it is kept
+// small. Whole-blob downloads that join such a task use its pieces.
+const LazySize int64 = 256 << 10
+
 // DefaultSize is the piece size of a task whose length is unknown.
 const DefaultSize int64 = 4 << 20
 
