@@ -439,7 +439,7 @@ type LayerStatus struct {
 // Status reports the lazy filesystem's mode and every open layer.
 func (m *Manager) Status() Status {
 	m.mu.Lock()
-	st := Status{ReadMode: "fuse"}
+	st := Status{ReadMode: "fuse", Layers: []LayerStatus{}}
 	if m.fs != nil {
 		st.Mount = m.fs.Dir()
 		if m.fs.Passthrough() {
