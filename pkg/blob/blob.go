@@ -164,13 +164,9 @@ const maxSpill = 32 << 20
 
 // has reports whether a chunk's bytes are at hand, in the store or spilled.
 func (r *Reader) has(d string) bool {
-	if r.store.Has(d) {
-		return true
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	_, ok := r.spill[d]
-	return ok
+	return r.hasLocked(d)
 }
 
 func (r *Reader) hasLocked(d string) bool {
@@ -329,6 +325,11 @@ func (r *Reader) ReadAt(ctx context.Context, c Chunk, p []byte, off int64) (int,
 // Ensure makes every chunk of cs present in the store, for a reader that
 // waits on them: background fetching yields while it waits.
 func (r *Reader) Ensure(ctx context.Context, cs []Chunk) error {
+	// Most reads find their chunks stored: they neither wait nor pause
+	// the background fetch.
+	if r.Local(cs) {
+		return nil
+	}
 	r.mu.Lock()
 	if r.demand == 0 {
 		r.idle = make(chan struct{})

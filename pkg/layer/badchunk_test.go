@@ -65,16 +65,7 @@ func TestCorruptChunkIsEIO(t *testing.T) {
 
 	fs := config.DefaultFS()
 	fs.Prefetch, fs.BackgroundFetch = false, false
-	mgr := newManager(t, c, fs)
-	l, err := mgr.Resolve(context.Background(), gz.Context(), desc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := l.Mount(dir); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = l.Unmount() })
+	l, dir := mountLayer(t, newManager(t, c, fs), gz.Context(), desc)
 
 	_, err = os.ReadFile(filepath.Join(dir, "large/f0002"))
 	if !errors.Is(err, syscall.EIO) {
