@@ -180,11 +180,13 @@ func (x *PieceDigest) GetDigest() string {
 }
 
 type HeldTask struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TaskId        string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
-	Length        int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
-	PieceSize     int64                  `protobuf:"varint,3,opt,name=piece_size,json=pieceSize,proto3" json:"piece_size,omitempty"`
-	Pieces        []*PieceDigest         `protobuf:"bytes,4,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	TaskId    string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Length    int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	PieceSize int64                  `protobuf:"varint,3,opt,name=piece_size,json=pieceSize,proto3" json:"piece_size,omitempty"`
+	Pieces    []*PieceDigest         `protobuf:"bytes,4,rep,name=pieces,proto3" json:"pieces,omitempty"`
+	// ranges are byte ranges held outside whole pieces (lazy reads).
+	Ranges        []*ByteRange `protobuf:"bytes,5,rep,name=ranges,proto3" json:"ranges,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -247,6 +249,65 @@ func (x *HeldTask) GetPieces() []*PieceDigest {
 	return nil
 }
 
+func (x *HeldTask) GetRanges() []*ByteRange {
+	if x != nil {
+		return x.Ranges
+	}
+	return nil
+}
+
+type ByteRange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Length        int64                  `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ByteRange) Reset() {
+	*x = ByteRange{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ByteRange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ByteRange) ProtoMessage() {}
+
+func (x *ByteRange) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ByteRange.ProtoReflect.Descriptor instead.
+func (*ByteRange) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ByteRange) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ByteRange) GetLength() int64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
 type HeaderValues struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Values        []string               `protobuf:"bytes,1,rep,name=values,proto3" json:"values,omitempty"`
@@ -256,7 +317,7 @@ type HeaderValues struct {
 
 func (x *HeaderValues) Reset() {
 	*x = HeaderValues{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[3]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -268,7 +329,7 @@ func (x *HeaderValues) String() string {
 func (*HeaderValues) ProtoMessage() {}
 
 func (x *HeaderValues) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[3]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -281,7 +342,7 @@ func (x *HeaderValues) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeaderValues.ProtoReflect.Descriptor instead.
 func (*HeaderValues) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{3}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *HeaderValues) GetValues() []string {
@@ -305,7 +366,7 @@ type Work struct {
 
 func (x *Work) Reset() {
 	*x = Work{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[4]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -317,7 +378,7 @@ func (x *Work) String() string {
 func (*Work) ProtoMessage() {}
 
 func (x *Work) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[4]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -330,7 +391,7 @@ func (x *Work) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Work.ProtoReflect.Descriptor instead.
 func (*Work) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{4}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Work) GetTaskId() string {
@@ -372,7 +433,7 @@ type AnnounceRequest struct {
 
 func (x *AnnounceRequest) Reset() {
 	*x = AnnounceRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[5]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -384,7 +445,7 @@ func (x *AnnounceRequest) String() string {
 func (*AnnounceRequest) ProtoMessage() {}
 
 func (x *AnnounceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[5]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -397,7 +458,7 @@ func (x *AnnounceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AnnounceRequest.ProtoReflect.Descriptor instead.
 func (*AnnounceRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{5}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AnnounceRequest) GetPeer() *PeerInfo {
@@ -433,7 +494,7 @@ type AnnounceResponse struct {
 
 func (x *AnnounceResponse) Reset() {
 	*x = AnnounceResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[6]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -445,7 +506,7 @@ func (x *AnnounceResponse) String() string {
 func (*AnnounceResponse) ProtoMessage() {}
 
 func (x *AnnounceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[6]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -458,7 +519,7 @@ func (x *AnnounceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AnnounceResponse.ProtoReflect.Descriptor instead.
 func (*AnnounceResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{6}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AnnounceResponse) GetResync() bool {
@@ -484,7 +545,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[7]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +557,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[7]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +570,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{7}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LeaveRequest) GetPeerId() string {
@@ -527,7 +588,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[8]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -539,7 +600,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[8]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -552,7 +613,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{8}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{9}
 }
 
 type RegisterTaskRequest struct {
@@ -567,7 +628,7 @@ type RegisterTaskRequest struct {
 
 func (x *RegisterTaskRequest) Reset() {
 	*x = RegisterTaskRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[9]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -579,7 +640,7 @@ func (x *RegisterTaskRequest) String() string {
 func (*RegisterTaskRequest) ProtoMessage() {}
 
 func (x *RegisterTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[9]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -592,7 +653,7 @@ func (x *RegisterTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterTaskRequest.ProtoReflect.Descriptor instead.
 func (*RegisterTaskRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{9}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RegisterTaskRequest) GetPeerId() string {
@@ -634,7 +695,7 @@ type RegisterTaskResponse struct {
 
 func (x *RegisterTaskResponse) Reset() {
 	*x = RegisterTaskResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[10]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +707,7 @@ func (x *RegisterTaskResponse) String() string {
 func (*RegisterTaskResponse) ProtoMessage() {}
 
 func (x *RegisterTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[10]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +720,7 @@ func (x *RegisterTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterTaskResponse.ProtoReflect.Descriptor instead.
 func (*RegisterTaskResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{10}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RegisterTaskResponse) GetLength() int64 {
@@ -687,7 +748,7 @@ type ScheduleRequest struct {
 
 func (x *ScheduleRequest) Reset() {
 	*x = ScheduleRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[11]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +760,7 @@ func (x *ScheduleRequest) String() string {
 func (*ScheduleRequest) ProtoMessage() {}
 
 func (x *ScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[11]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +773,7 @@ func (x *ScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{11}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ScheduleRequest) GetPeerId() string {
@@ -754,7 +815,7 @@ type Assignment struct {
 
 func (x *Assignment) Reset() {
 	*x = Assignment{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[12]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +827,7 @@ func (x *Assignment) String() string {
 func (*Assignment) ProtoMessage() {}
 
 func (x *Assignment) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[12]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +840,7 @@ func (x *Assignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assignment.ProtoReflect.Descriptor instead.
 func (*Assignment) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{12}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Assignment) GetPiece() int32 {
@@ -826,7 +887,7 @@ type ScheduleResponse struct {
 
 func (x *ScheduleResponse) Reset() {
 	*x = ScheduleResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[13]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +899,7 @@ func (x *ScheduleResponse) String() string {
 func (*ScheduleResponse) ProtoMessage() {}
 
 func (x *ScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[13]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +912,7 @@ func (x *ScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleResponse.ProtoReflect.Descriptor instead.
 func (*ScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{13}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ScheduleResponse) GetAssignments() []*Assignment {
@@ -874,7 +935,7 @@ type ReportPiecesRequest struct {
 
 func (x *ReportPiecesRequest) Reset() {
 	*x = ReportPiecesRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[14]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +947,7 @@ func (x *ReportPiecesRequest) String() string {
 func (*ReportPiecesRequest) ProtoMessage() {}
 
 func (x *ReportPiecesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[14]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +960,7 @@ func (x *ReportPiecesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportPiecesRequest.ProtoReflect.Descriptor instead.
 func (*ReportPiecesRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{14}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReportPiecesRequest) GetPeerId() string {
@@ -945,7 +1006,7 @@ type ReportPiecesResponse struct {
 
 func (x *ReportPiecesResponse) Reset() {
 	*x = ReportPiecesResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[15]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -957,7 +1018,7 @@ func (x *ReportPiecesResponse) String() string {
 func (*ReportPiecesResponse) ProtoMessage() {}
 
 func (x *ReportPiecesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[15]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -970,7 +1031,7 @@ func (x *ReportPiecesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportPiecesResponse.ProtoReflect.Descriptor instead.
 func (*ReportPiecesResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{15}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{16}
 }
 
 type ReportBadParentRequest struct {
@@ -984,7 +1045,7 @@ type ReportBadParentRequest struct {
 
 func (x *ReportBadParentRequest) Reset() {
 	*x = ReportBadParentRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[16]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -996,7 +1057,7 @@ func (x *ReportBadParentRequest) String() string {
 func (*ReportBadParentRequest) ProtoMessage() {}
 
 func (x *ReportBadParentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[16]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1009,7 +1070,7 @@ func (x *ReportBadParentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportBadParentRequest.ProtoReflect.Descriptor instead.
 func (*ReportBadParentRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{16}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ReportBadParentRequest) GetPeerId() string {
@@ -1041,7 +1102,7 @@ type ReportBadParentResponse struct {
 
 func (x *ReportBadParentResponse) Reset() {
 	*x = ReportBadParentResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[17]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1053,7 +1114,7 @@ func (x *ReportBadParentResponse) String() string {
 func (*ReportBadParentResponse) ProtoMessage() {}
 
 func (x *ReportBadParentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[17]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1066,7 +1127,7 @@ func (x *ReportBadParentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportBadParentResponse.ProtoReflect.Descriptor instead.
 func (*ReportBadParentResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{17}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{18}
 }
 
 type PreheatRequest struct {
@@ -1078,7 +1139,7 @@ type PreheatRequest struct {
 
 func (x *PreheatRequest) Reset() {
 	*x = PreheatRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[18]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1151,7 @@ func (x *PreheatRequest) String() string {
 func (*PreheatRequest) ProtoMessage() {}
 
 func (x *PreheatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[18]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1164,7 @@ func (x *PreheatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreheatRequest.ProtoReflect.Descriptor instead.
 func (*PreheatRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{18}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PreheatRequest) GetTasks() []*Work {
@@ -1123,7 +1184,7 @@ type PreheatResponse struct {
 
 func (x *PreheatResponse) Reset() {
 	*x = PreheatResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[19]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1135,7 +1196,7 @@ func (x *PreheatResponse) String() string {
 func (*PreheatResponse) ProtoMessage() {}
 
 func (x *PreheatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[19]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1148,7 +1209,7 @@ func (x *PreheatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreheatResponse.ProtoReflect.Descriptor instead.
 func (*PreheatResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{19}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PreheatResponse) GetSeeds() []string {
@@ -1167,7 +1228,7 @@ type TaskStatusRequest struct {
 
 func (x *TaskStatusRequest) Reset() {
 	*x = TaskStatusRequest{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[20]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1179,7 +1240,7 @@ func (x *TaskStatusRequest) String() string {
 func (*TaskStatusRequest) ProtoMessage() {}
 
 func (x *TaskStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[20]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1192,7 +1253,7 @@ func (x *TaskStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskStatusRequest.ProtoReflect.Descriptor instead.
 func (*TaskStatusRequest) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{20}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *TaskStatusRequest) GetTaskIds() []string {
@@ -1219,7 +1280,7 @@ type TaskState struct {
 
 func (x *TaskState) Reset() {
 	*x = TaskState{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[21]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1231,7 +1292,7 @@ func (x *TaskState) String() string {
 func (*TaskState) ProtoMessage() {}
 
 func (x *TaskState) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[21]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1244,7 +1305,7 @@ func (x *TaskState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskState.ProtoReflect.Descriptor instead.
 func (*TaskState) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{21}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *TaskState) GetTaskId() string {
@@ -1305,7 +1366,7 @@ type TaskStatusResponse struct {
 
 func (x *TaskStatusResponse) Reset() {
 	*x = TaskStatusResponse{}
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[22]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1378,7 @@ func (x *TaskStatusResponse) String() string {
 func (*TaskStatusResponse) ProtoMessage() {}
 
 func (x *TaskStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[22]
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1391,7 @@ func (x *TaskStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskStatusResponse.ProtoReflect.Descriptor instead.
 func (*TaskStatusResponse) Descriptor() ([]byte, []int) {
-	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{22}
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *TaskStatusResponse) GetTasks() []*TaskState {
@@ -1338,6 +1399,297 @@ func (x *TaskStatusResponse) GetTasks() []*TaskState {
 		return x.Tasks
 	}
 	return nil
+}
+
+type ScheduleRangeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	PeerId string                 `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
+	TaskId string                 `protobuf:"bytes,2,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// length is the task's length.
+	Length        int64      `protobuf:"varint,3,opt,name=length,proto3" json:"length,omitempty"`
+	Range         *ByteRange `protobuf:"bytes,4,opt,name=range,proto3" json:"range,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleRangeRequest) Reset() {
+	*x = ScheduleRangeRequest{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleRangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleRangeRequest) ProtoMessage() {}
+
+func (x *ScheduleRangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleRangeRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleRangeRequest) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ScheduleRangeRequest) GetPeerId() string {
+	if x != nil {
+		return x.PeerId
+	}
+	return ""
+}
+
+func (x *ScheduleRangeRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *ScheduleRangeRequest) GetLength() int64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *ScheduleRangeRequest) GetRange() *ByteRange {
+	if x != nil {
+		return x.Range
+	}
+	return nil
+}
+
+type RangeSegment struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Range *ByteRange             `protobuf:"bytes,1,opt,name=range,proto3" json:"range,omitempty"`
+	// parents hold the whole segment, best first, or (one parent) are
+	// fetching it from the origin now and stream it as it arrives.
+	Parents []*PeerInfo `protobuf:"bytes,2,rep,name=parents,proto3" json:"parents,omitempty"`
+	// back_to_source: the requester fetches the segment from the origin.
+	BackToSource  bool `protobuf:"varint,3,opt,name=back_to_source,json=backToSource,proto3" json:"back_to_source,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RangeSegment) Reset() {
+	*x = RangeSegment{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RangeSegment) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RangeSegment) ProtoMessage() {}
+
+func (x *RangeSegment) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RangeSegment.ProtoReflect.Descriptor instead.
+func (*RangeSegment) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *RangeSegment) GetRange() *ByteRange {
+	if x != nil {
+		return x.Range
+	}
+	return nil
+}
+
+func (x *RangeSegment) GetParents() []*PeerInfo {
+	if x != nil {
+		return x.Parents
+	}
+	return nil
+}
+
+func (x *RangeSegment) GetBackToSource() bool {
+	if x != nil {
+		return x.BackToSource
+	}
+	return false
+}
+
+type ScheduleRangeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// segments cover the asked range in order, without gaps.
+	Segments      []*RangeSegment `protobuf:"bytes,1,rep,name=segments,proto3" json:"segments,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleRangeResponse) Reset() {
+	*x = ScheduleRangeResponse{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleRangeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleRangeResponse) ProtoMessage() {}
+
+func (x *ScheduleRangeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleRangeResponse.ProtoReflect.Descriptor instead.
+func (*ScheduleRangeResponse) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *ScheduleRangeResponse) GetSegments() []*RangeSegment {
+	if x != nil {
+		return x.Segments
+	}
+	return nil
+}
+
+type ReportRangesRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	PeerId string                 `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
+	TaskId string                 `protobuf:"bytes,2,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	Length int64                  `protobuf:"varint,3,opt,name=length,proto3" json:"length,omitempty"`
+	// held are ranges now held; released are claimed ranges the peer no
+	// longer fetches (others stop being sent to it for them).
+	Held          []*ByteRange `protobuf:"bytes,4,rep,name=held,proto3" json:"held,omitempty"`
+	Released      []*ByteRange `protobuf:"bytes,5,rep,name=released,proto3" json:"released,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportRangesRequest) Reset() {
+	*x = ReportRangesRequest{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportRangesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportRangesRequest) ProtoMessage() {}
+
+func (x *ReportRangesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportRangesRequest.ProtoReflect.Descriptor instead.
+func (*ReportRangesRequest) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *ReportRangesRequest) GetPeerId() string {
+	if x != nil {
+		return x.PeerId
+	}
+	return ""
+}
+
+func (x *ReportRangesRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *ReportRangesRequest) GetLength() int64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
+func (x *ReportRangesRequest) GetHeld() []*ByteRange {
+	if x != nil {
+		return x.Held
+	}
+	return nil
+}
+
+func (x *ReportRangesRequest) GetReleased() []*ByteRange {
+	if x != nil {
+		return x.Released
+	}
+	return nil
+}
+
+type ReportRangesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportRangesResponse) Reset() {
+	*x = ReportRangesResponse{}
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportRangesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportRangesResponse) ProtoMessage() {}
+
+func (x *ReportRangesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_schedulerpb_scheduler_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportRangesResponse.ProtoReflect.Descriptor instead.
+func (*ReportRangesResponse) Descriptor() ([]byte, []int) {
+	return file_api_schedulerpb_scheduler_proto_rawDescGZIP(), []int{28}
 }
 
 var File_api_schedulerpb_scheduler_proto protoreflect.FileDescriptor
@@ -1357,13 +1709,17 @@ const file_api_schedulerpb_scheduler_proto_rawDesc = "" +
 	"\x04seed\x18\b \x01(\bR\x04seed\"=\n" +
 	"\vPieceDigest\x12\x16\n" +
 	"\x06number\x18\x01 \x01(\x05R\x06number\x12\x16\n" +
-	"\x06digest\x18\x02 \x01(\tR\x06digest\"\x96\x01\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\"\xd0\x01\n" +
 	"\bHeldTask\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x16\n" +
 	"\x06length\x18\x02 \x01(\x03R\x06length\x12\x1d\n" +
 	"\n" +
 	"piece_size\x18\x03 \x01(\x03R\tpieceSize\x12:\n" +
-	"\x06pieces\x18\x04 \x03(\v2\".starling.scheduler.v1.PieceDigestR\x06pieces\"&\n" +
+	"\x06pieces\x18\x04 \x03(\v2\".starling.scheduler.v1.PieceDigestR\x06pieces\x128\n" +
+	"\x06ranges\x18\x05 \x03(\v2 .starling.scheduler.v1.ByteRangeR\x06ranges\";\n" +
+	"\tByteRange\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x03R\x06length\"&\n" +
 	"\fHeaderValues\x12\x16\n" +
 	"\x06values\x18\x01 \x03(\tR\x06values\"\xea\x01\n" +
 	"\x04Work\x12\x17\n" +
@@ -1436,7 +1792,25 @@ const file_api_schedulerpb_scheduler_proto_rawDesc = "" +
 	"\n" +
 	"piece_size\x18\a \x01(\x03R\tpieceSize\"L\n" +
 	"\x12TaskStatusResponse\x126\n" +
-	"\x05tasks\x18\x01 \x03(\v2 .starling.scheduler.v1.TaskStateR\x05tasks2\x9a\x06\n" +
+	"\x05tasks\x18\x01 \x03(\v2 .starling.scheduler.v1.TaskStateR\x05tasks\"\x98\x01\n" +
+	"\x14ScheduleRangeRequest\x12\x17\n" +
+	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12\x17\n" +
+	"\atask_id\x18\x02 \x01(\tR\x06taskId\x12\x16\n" +
+	"\x06length\x18\x03 \x01(\x03R\x06length\x126\n" +
+	"\x05range\x18\x04 \x01(\v2 .starling.scheduler.v1.ByteRangeR\x05range\"\xa7\x01\n" +
+	"\fRangeSegment\x126\n" +
+	"\x05range\x18\x01 \x01(\v2 .starling.scheduler.v1.ByteRangeR\x05range\x129\n" +
+	"\aparents\x18\x02 \x03(\v2\x1f.starling.scheduler.v1.PeerInfoR\aparents\x12$\n" +
+	"\x0eback_to_source\x18\x03 \x01(\bR\fbackToSource\"X\n" +
+	"\x15ScheduleRangeResponse\x12?\n" +
+	"\bsegments\x18\x01 \x03(\v2#.starling.scheduler.v1.RangeSegmentR\bsegments\"\xd3\x01\n" +
+	"\x13ReportRangesRequest\x12\x17\n" +
+	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12\x17\n" +
+	"\atask_id\x18\x02 \x01(\tR\x06taskId\x12\x16\n" +
+	"\x06length\x18\x03 \x01(\x03R\x06length\x124\n" +
+	"\x04held\x18\x04 \x03(\v2 .starling.scheduler.v1.ByteRangeR\x04held\x12<\n" +
+	"\breleased\x18\x05 \x03(\v2 .starling.scheduler.v1.ByteRangeR\breleased\"\x16\n" +
+	"\x14ReportRangesResponse2\xef\a\n" +
 	"\tScheduler\x12[\n" +
 	"\bAnnounce\x12&.starling.scheduler.v1.AnnounceRequest\x1a'.starling.scheduler.v1.AnnounceResponse\x12R\n" +
 	"\x05Leave\x12#.starling.scheduler.v1.LeaveRequest\x1a$.starling.scheduler.v1.LeaveResponse\x12g\n" +
@@ -1446,7 +1820,9 @@ const file_api_schedulerpb_scheduler_proto_rawDesc = "" +
 	"\x0fReportBadParent\x12-.starling.scheduler.v1.ReportBadParentRequest\x1a..starling.scheduler.v1.ReportBadParentResponse\x12X\n" +
 	"\aPreheat\x12%.starling.scheduler.v1.PreheatRequest\x1a&.starling.scheduler.v1.PreheatResponse\x12a\n" +
 	"\n" +
-	"TaskStatus\x12(.starling.scheduler.v1.TaskStatusRequest\x1a).starling.scheduler.v1.TaskStatusResponseB2Z0github.com/starling-dev/starling/api/schedulerpbb\x06proto3"
+	"TaskStatus\x12(.starling.scheduler.v1.TaskStatusRequest\x1a).starling.scheduler.v1.TaskStatusResponse\x12j\n" +
+	"\rScheduleRange\x12+.starling.scheduler.v1.ScheduleRangeRequest\x1a,.starling.scheduler.v1.ScheduleRangeResponse\x12g\n" +
+	"\fReportRanges\x12*.starling.scheduler.v1.ReportRangesRequest\x1a+.starling.scheduler.v1.ReportRangesResponseB2Z0github.com/starling-dev/starling/api/schedulerpbb\x06proto3"
 
 var (
 	file_api_schedulerpb_scheduler_proto_rawDescOnce sync.Once
@@ -1460,67 +1836,84 @@ func file_api_schedulerpb_scheduler_proto_rawDescGZIP() []byte {
 	return file_api_schedulerpb_scheduler_proto_rawDescData
 }
 
-var file_api_schedulerpb_scheduler_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_api_schedulerpb_scheduler_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_api_schedulerpb_scheduler_proto_goTypes = []any{
 	(*PeerInfo)(nil),                // 0: starling.scheduler.v1.PeerInfo
 	(*PieceDigest)(nil),             // 1: starling.scheduler.v1.PieceDigest
 	(*HeldTask)(nil),                // 2: starling.scheduler.v1.HeldTask
-	(*HeaderValues)(nil),            // 3: starling.scheduler.v1.HeaderValues
-	(*Work)(nil),                    // 4: starling.scheduler.v1.Work
-	(*AnnounceRequest)(nil),         // 5: starling.scheduler.v1.AnnounceRequest
-	(*AnnounceResponse)(nil),        // 6: starling.scheduler.v1.AnnounceResponse
-	(*LeaveRequest)(nil),            // 7: starling.scheduler.v1.LeaveRequest
-	(*LeaveResponse)(nil),           // 8: starling.scheduler.v1.LeaveResponse
-	(*RegisterTaskRequest)(nil),     // 9: starling.scheduler.v1.RegisterTaskRequest
-	(*RegisterTaskResponse)(nil),    // 10: starling.scheduler.v1.RegisterTaskResponse
-	(*ScheduleRequest)(nil),         // 11: starling.scheduler.v1.ScheduleRequest
-	(*Assignment)(nil),              // 12: starling.scheduler.v1.Assignment
-	(*ScheduleResponse)(nil),        // 13: starling.scheduler.v1.ScheduleResponse
-	(*ReportPiecesRequest)(nil),     // 14: starling.scheduler.v1.ReportPiecesRequest
-	(*ReportPiecesResponse)(nil),    // 15: starling.scheduler.v1.ReportPiecesResponse
-	(*ReportBadParentRequest)(nil),  // 16: starling.scheduler.v1.ReportBadParentRequest
-	(*ReportBadParentResponse)(nil), // 17: starling.scheduler.v1.ReportBadParentResponse
-	(*PreheatRequest)(nil),          // 18: starling.scheduler.v1.PreheatRequest
-	(*PreheatResponse)(nil),         // 19: starling.scheduler.v1.PreheatResponse
-	(*TaskStatusRequest)(nil),       // 20: starling.scheduler.v1.TaskStatusRequest
-	(*TaskState)(nil),               // 21: starling.scheduler.v1.TaskState
-	(*TaskStatusResponse)(nil),      // 22: starling.scheduler.v1.TaskStatusResponse
-	nil,                             // 23: starling.scheduler.v1.Work.HeaderEntry
+	(*ByteRange)(nil),               // 3: starling.scheduler.v1.ByteRange
+	(*HeaderValues)(nil),            // 4: starling.scheduler.v1.HeaderValues
+	(*Work)(nil),                    // 5: starling.scheduler.v1.Work
+	(*AnnounceRequest)(nil),         // 6: starling.scheduler.v1.AnnounceRequest
+	(*AnnounceResponse)(nil),        // 7: starling.scheduler.v1.AnnounceResponse
+	(*LeaveRequest)(nil),            // 8: starling.scheduler.v1.LeaveRequest
+	(*LeaveResponse)(nil),           // 9: starling.scheduler.v1.LeaveResponse
+	(*RegisterTaskRequest)(nil),     // 10: starling.scheduler.v1.RegisterTaskRequest
+	(*RegisterTaskResponse)(nil),    // 11: starling.scheduler.v1.RegisterTaskResponse
+	(*ScheduleRequest)(nil),         // 12: starling.scheduler.v1.ScheduleRequest
+	(*Assignment)(nil),              // 13: starling.scheduler.v1.Assignment
+	(*ScheduleResponse)(nil),        // 14: starling.scheduler.v1.ScheduleResponse
+	(*ReportPiecesRequest)(nil),     // 15: starling.scheduler.v1.ReportPiecesRequest
+	(*ReportPiecesResponse)(nil),    // 16: starling.scheduler.v1.ReportPiecesResponse
+	(*ReportBadParentRequest)(nil),  // 17: starling.scheduler.v1.ReportBadParentRequest
+	(*ReportBadParentResponse)(nil), // 18: starling.scheduler.v1.ReportBadParentResponse
+	(*PreheatRequest)(nil),          // 19: starling.scheduler.v1.PreheatRequest
+	(*PreheatResponse)(nil),         // 20: starling.scheduler.v1.PreheatResponse
+	(*TaskStatusRequest)(nil),       // 21: starling.scheduler.v1.TaskStatusRequest
+	(*TaskState)(nil),               // 22: starling.scheduler.v1.TaskState
+	(*TaskStatusResponse)(nil),      // 23: starling.scheduler.v1.TaskStatusResponse
+	(*ScheduleRangeRequest)(nil),    // 24: starling.scheduler.v1.ScheduleRangeRequest
+	(*RangeSegment)(nil),            // 25: starling.scheduler.v1.RangeSegment
+	(*ScheduleRangeResponse)(nil),   // 26: starling.scheduler.v1.ScheduleRangeResponse
+	(*ReportRangesRequest)(nil),     // 27: starling.scheduler.v1.ReportRangesRequest
+	(*ReportRangesResponse)(nil),    // 28: starling.scheduler.v1.ReportRangesResponse
+	nil,                             // 29: starling.scheduler.v1.Work.HeaderEntry
 }
 var file_api_schedulerpb_scheduler_proto_depIdxs = []int32{
 	1,  // 0: starling.scheduler.v1.HeldTask.pieces:type_name -> starling.scheduler.v1.PieceDigest
-	23, // 1: starling.scheduler.v1.Work.header:type_name -> starling.scheduler.v1.Work.HeaderEntry
-	0,  // 2: starling.scheduler.v1.AnnounceRequest.peer:type_name -> starling.scheduler.v1.PeerInfo
-	2,  // 3: starling.scheduler.v1.AnnounceRequest.tasks:type_name -> starling.scheduler.v1.HeldTask
-	4,  // 4: starling.scheduler.v1.AnnounceResponse.work:type_name -> starling.scheduler.v1.Work
-	4,  // 5: starling.scheduler.v1.RegisterTaskRequest.task:type_name -> starling.scheduler.v1.Work
-	0,  // 6: starling.scheduler.v1.Assignment.parents:type_name -> starling.scheduler.v1.PeerInfo
-	12, // 7: starling.scheduler.v1.ScheduleResponse.assignments:type_name -> starling.scheduler.v1.Assignment
-	1,  // 8: starling.scheduler.v1.ReportPiecesRequest.pieces:type_name -> starling.scheduler.v1.PieceDigest
-	4,  // 9: starling.scheduler.v1.PreheatRequest.tasks:type_name -> starling.scheduler.v1.Work
-	21, // 10: starling.scheduler.v1.TaskStatusResponse.tasks:type_name -> starling.scheduler.v1.TaskState
-	3,  // 11: starling.scheduler.v1.Work.HeaderEntry.value:type_name -> starling.scheduler.v1.HeaderValues
-	5,  // 12: starling.scheduler.v1.Scheduler.Announce:input_type -> starling.scheduler.v1.AnnounceRequest
-	7,  // 13: starling.scheduler.v1.Scheduler.Leave:input_type -> starling.scheduler.v1.LeaveRequest
-	9,  // 14: starling.scheduler.v1.Scheduler.RegisterTask:input_type -> starling.scheduler.v1.RegisterTaskRequest
-	11, // 15: starling.scheduler.v1.Scheduler.Schedule:input_type -> starling.scheduler.v1.ScheduleRequest
-	14, // 16: starling.scheduler.v1.Scheduler.ReportPieces:input_type -> starling.scheduler.v1.ReportPiecesRequest
-	16, // 17: starling.scheduler.v1.Scheduler.ReportBadParent:input_type -> starling.scheduler.v1.ReportBadParentRequest
-	18, // 18: starling.scheduler.v1.Scheduler.Preheat:input_type -> starling.scheduler.v1.PreheatRequest
-	20, // 19: starling.scheduler.v1.Scheduler.TaskStatus:input_type -> starling.scheduler.v1.TaskStatusRequest
-	6,  // 20: starling.scheduler.v1.Scheduler.Announce:output_type -> starling.scheduler.v1.AnnounceResponse
-	8,  // 21: starling.scheduler.v1.Scheduler.Leave:output_type -> starling.scheduler.v1.LeaveResponse
-	10, // 22: starling.scheduler.v1.Scheduler.RegisterTask:output_type -> starling.scheduler.v1.RegisterTaskResponse
-	13, // 23: starling.scheduler.v1.Scheduler.Schedule:output_type -> starling.scheduler.v1.ScheduleResponse
-	15, // 24: starling.scheduler.v1.Scheduler.ReportPieces:output_type -> starling.scheduler.v1.ReportPiecesResponse
-	17, // 25: starling.scheduler.v1.Scheduler.ReportBadParent:output_type -> starling.scheduler.v1.ReportBadParentResponse
-	19, // 26: starling.scheduler.v1.Scheduler.Preheat:output_type -> starling.scheduler.v1.PreheatResponse
-	22, // 27: starling.scheduler.v1.Scheduler.TaskStatus:output_type -> starling.scheduler.v1.TaskStatusResponse
-	20, // [20:28] is the sub-list for method output_type
-	12, // [12:20] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	3,  // 1: starling.scheduler.v1.HeldTask.ranges:type_name -> starling.scheduler.v1.ByteRange
+	29, // 2: starling.scheduler.v1.Work.header:type_name -> starling.scheduler.v1.Work.HeaderEntry
+	0,  // 3: starling.scheduler.v1.AnnounceRequest.peer:type_name -> starling.scheduler.v1.PeerInfo
+	2,  // 4: starling.scheduler.v1.AnnounceRequest.tasks:type_name -> starling.scheduler.v1.HeldTask
+	5,  // 5: starling.scheduler.v1.AnnounceResponse.work:type_name -> starling.scheduler.v1.Work
+	5,  // 6: starling.scheduler.v1.RegisterTaskRequest.task:type_name -> starling.scheduler.v1.Work
+	0,  // 7: starling.scheduler.v1.Assignment.parents:type_name -> starling.scheduler.v1.PeerInfo
+	13, // 8: starling.scheduler.v1.ScheduleResponse.assignments:type_name -> starling.scheduler.v1.Assignment
+	1,  // 9: starling.scheduler.v1.ReportPiecesRequest.pieces:type_name -> starling.scheduler.v1.PieceDigest
+	5,  // 10: starling.scheduler.v1.PreheatRequest.tasks:type_name -> starling.scheduler.v1.Work
+	22, // 11: starling.scheduler.v1.TaskStatusResponse.tasks:type_name -> starling.scheduler.v1.TaskState
+	3,  // 12: starling.scheduler.v1.ScheduleRangeRequest.range:type_name -> starling.scheduler.v1.ByteRange
+	3,  // 13: starling.scheduler.v1.RangeSegment.range:type_name -> starling.scheduler.v1.ByteRange
+	0,  // 14: starling.scheduler.v1.RangeSegment.parents:type_name -> starling.scheduler.v1.PeerInfo
+	25, // 15: starling.scheduler.v1.ScheduleRangeResponse.segments:type_name -> starling.scheduler.v1.RangeSegment
+	3,  // 16: starling.scheduler.v1.ReportRangesRequest.held:type_name -> starling.scheduler.v1.ByteRange
+	3,  // 17: starling.scheduler.v1.ReportRangesRequest.released:type_name -> starling.scheduler.v1.ByteRange
+	4,  // 18: starling.scheduler.v1.Work.HeaderEntry.value:type_name -> starling.scheduler.v1.HeaderValues
+	6,  // 19: starling.scheduler.v1.Scheduler.Announce:input_type -> starling.scheduler.v1.AnnounceRequest
+	8,  // 20: starling.scheduler.v1.Scheduler.Leave:input_type -> starling.scheduler.v1.LeaveRequest
+	10, // 21: starling.scheduler.v1.Scheduler.RegisterTask:input_type -> starling.scheduler.v1.RegisterTaskRequest
+	12, // 22: starling.scheduler.v1.Scheduler.Schedule:input_type -> starling.scheduler.v1.ScheduleRequest
+	15, // 23: starling.scheduler.v1.Scheduler.ReportPieces:input_type -> starling.scheduler.v1.ReportPiecesRequest
+	17, // 24: starling.scheduler.v1.Scheduler.ReportBadParent:input_type -> starling.scheduler.v1.ReportBadParentRequest
+	19, // 25: starling.scheduler.v1.Scheduler.Preheat:input_type -> starling.scheduler.v1.PreheatRequest
+	21, // 26: starling.scheduler.v1.Scheduler.TaskStatus:input_type -> starling.scheduler.v1.TaskStatusRequest
+	24, // 27: starling.scheduler.v1.Scheduler.ScheduleRange:input_type -> starling.scheduler.v1.ScheduleRangeRequest
+	27, // 28: starling.scheduler.v1.Scheduler.ReportRanges:input_type -> starling.scheduler.v1.ReportRangesRequest
+	7,  // 29: starling.scheduler.v1.Scheduler.Announce:output_type -> starling.scheduler.v1.AnnounceResponse
+	9,  // 30: starling.scheduler.v1.Scheduler.Leave:output_type -> starling.scheduler.v1.LeaveResponse
+	11, // 31: starling.scheduler.v1.Scheduler.RegisterTask:output_type -> starling.scheduler.v1.RegisterTaskResponse
+	14, // 32: starling.scheduler.v1.Scheduler.Schedule:output_type -> starling.scheduler.v1.ScheduleResponse
+	16, // 33: starling.scheduler.v1.Scheduler.ReportPieces:output_type -> starling.scheduler.v1.ReportPiecesResponse
+	18, // 34: starling.scheduler.v1.Scheduler.ReportBadParent:output_type -> starling.scheduler.v1.ReportBadParentResponse
+	20, // 35: starling.scheduler.v1.Scheduler.Preheat:output_type -> starling.scheduler.v1.PreheatResponse
+	23, // 36: starling.scheduler.v1.Scheduler.TaskStatus:output_type -> starling.scheduler.v1.TaskStatusResponse
+	26, // 37: starling.scheduler.v1.Scheduler.ScheduleRange:output_type -> starling.scheduler.v1.ScheduleRangeResponse
+	28, // 38: starling.scheduler.v1.Scheduler.ReportRanges:output_type -> starling.scheduler.v1.ReportRangesResponse
+	29, // [29:39] is the sub-list for method output_type
+	19, // [19:29] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_api_schedulerpb_scheduler_proto_init() }
@@ -1534,7 +1927,7 @@ func file_api_schedulerpb_scheduler_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_schedulerpb_scheduler_proto_rawDesc), len(file_api_schedulerpb_scheduler_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   24,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,8 @@ const (
 	Scheduler_ReportBadParent_FullMethodName = "/starling.scheduler.v1.Scheduler/ReportBadParent"
 	Scheduler_Preheat_FullMethodName         = "/starling.scheduler.v1.Scheduler/Preheat"
 	Scheduler_TaskStatus_FullMethodName      = "/starling.scheduler.v1.Scheduler/TaskStatus"
+	Scheduler_ScheduleRange_FullMethodName   = "/starling.scheduler.v1.Scheduler/ScheduleRange"
+	Scheduler_ReportRanges_FullMethodName    = "/starling.scheduler.v1.Scheduler/ReportRanges"
 )
 
 // SchedulerClient is the client API for Scheduler service.
@@ -55,6 +57,13 @@ type SchedulerClient interface {
 	Preheat(ctx context.Context, in *PreheatRequest, opts ...grpc.CallOption) (*PreheatResponse, error)
 	// TaskStatus reports how far tasks have spread (preheat progress).
 	TaskStatus(ctx context.Context, in *TaskStatusRequest, opts ...grpc.CallOption) (*TaskStatusResponse, error)
+	// ScheduleRange answers, for a byte range a lazy reader needs, which
+	// parts to take from which parents (holding them, or fetching them from
+	// the origin now) and which to fetch from the origin itself.
+	ScheduleRange(ctx context.Context, in *ScheduleRangeRequest, opts ...grpc.CallOption) (*ScheduleRangeResponse, error)
+	// ReportRanges records byte ranges a peer now holds (verified by its
+	// reader), or gives up its claims on ranges it failed to fetch.
+	ReportRanges(ctx context.Context, in *ReportRangesRequest, opts ...grpc.CallOption) (*ReportRangesResponse, error)
 }
 
 type schedulerClient struct {
@@ -137,6 +146,24 @@ func (c *schedulerClient) TaskStatus(ctx context.Context, in *TaskStatusRequest,
 	return out, nil
 }
 
+func (c *schedulerClient) ScheduleRange(ctx context.Context, in *ScheduleRangeRequest, opts ...grpc.CallOption) (*ScheduleRangeResponse, error) {
+	out := new(ScheduleRangeResponse)
+	err := c.cc.Invoke(ctx, Scheduler_ScheduleRange_FullMethodName, in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *schedulerClient) ReportRanges(ctx context.Context, in *ReportRangesRequest, opts ...grpc.CallOption) (*ReportRangesResponse, error) {
+	out := new(ReportRangesResponse)
+	err := c.cc.Invoke(ctx, Scheduler_ReportRanges_FullMethodName, in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SchedulerServer is the server API for Scheduler service.
 // All implementations must embed UnimplementedSchedulerServer
 // for forward compatibility
@@ -159,6 +186,13 @@ type SchedulerServer interface {
 	Preheat(context.Context, *PreheatRequest) (*PreheatResponse, error)
 	// TaskStatus reports how far tasks have spread (preheat progress).
 	TaskStatus(context.Context, *TaskStatusRequest) (*TaskStatusResponse, error)
+	// ScheduleRange answers, for a byte range a lazy reader needs, which
+	// parts to take from which parents (holding them, or fetching them from
+	// the origin now) and which to fetch from the origin itself.
+	ScheduleRange(context.Context, *ScheduleRangeRequest) (*ScheduleRangeResponse, error)
+	// ReportRanges records byte ranges a peer now holds (verified by its
+	// reader), or gives up its claims on ranges it failed to fetch.
+	ReportRanges(context.Context, *ReportRangesRequest) (*ReportRangesResponse, error)
 	mustEmbedUnimplementedSchedulerServer()
 }
 
@@ -189,6 +223,12 @@ func (UnimplementedSchedulerServer) Preheat(context.Context, *PreheatRequest) (*
 }
 func (UnimplementedSchedulerServer) TaskStatus(context.Context, *TaskStatusRequest) (*TaskStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method TaskStatus not implemented")
+}
+func (UnimplementedSchedulerServer) ScheduleRange(context.Context, *ScheduleRangeRequest) (*ScheduleRangeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ScheduleRange not implemented")
+}
+func (UnimplementedSchedulerServer) ReportRanges(context.Context, *ReportRangesRequest) (*ReportRangesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ReportRanges not implemented")
 }
 func (UnimplementedSchedulerServer) mustEmbedUnimplementedSchedulerServer() {}
 
@@ -347,6 +387,42 @@ func _Scheduler_TaskStatus_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Scheduler_ScheduleRange_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ScheduleRangeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SchedulerServer).ScheduleRange(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Scheduler_ScheduleRange_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SchedulerServer).ScheduleRange(ctx, req.(*ScheduleRangeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Scheduler_ReportRanges_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportRangesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SchedulerServer).ReportRanges(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Scheduler_ReportRanges_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SchedulerServer).ReportRanges(ctx, req.(*ReportRangesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Scheduler_ServiceDesc is the grpc.ServiceDesc for Scheduler service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -385,6 +461,14 @@ var Scheduler_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "TaskStatus",
 			Handler:    _Scheduler_TaskStatus_Handler,
+		},
+		{
+			MethodName: "ScheduleRange",
+			Handler:    _Scheduler_ScheduleRange_Handler,
+		},
+		{
+			MethodName: "ReportRanges",
+			Handler:    _Scheduler_ReportRanges_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -103,7 +103,8 @@ func run(ctx context.Context, cfg config.Scheduler) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	sched := scheduler.New(scheduler.Options{PeerTTL: cfg.PeerTTL, FetchTTL: cfg.FetchTTL, MaxParents: cfg.MaxParents})
+	sched := scheduler.New(scheduler.Options{PeerTTL: cfg.PeerTTL, FetchTTL: cfg.FetchTTL, MaxParents: cfg.MaxParents,
+		MaxOriginFetchers: cfg.MaxOriginFetchers, StartGrace: cfg.StartGrace})
 	srv, err := scheduler.NewServer(sched, scheduler.ServerOptions{Registry: reg, Logger: log})
 	if err != nil {
 		return err

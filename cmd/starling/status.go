@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/starling-dev/starling/pkg/blob"
 	"github.com/starling-dev/starling/pkg/layer"
 )
 
@@ -27,7 +28,10 @@ func newStatusCmd() *cobra.Command {
 lazy filesystem's read mode — "passthrough" when the kernel reads files whose
 bytes are all local straight from the chunk store, "fuse" when every read
 goes through starlingd — and for every open layer: where it is mounted, its
-entries, and the requests, bytes and cache hits that reading it has cost.`,
+entries, the requests, bytes and cache hits that reading it has cost, and
+where its bytes came from: the chunk store (CACHE), this node's peer storage
+(LOCAL), other peers (PEERS) and the registry (ORIGIN), with the time its
+fetches waited on each. --output json gives the same as stats.sources.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := fetchStatus(cmd.Context(), addr)
@@ -81,13 +85,24 @@ func printStatus(w io.Writer, st layer.Status) {
 		return
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LAYER\tENTRIES\tREQUESTS\tFETCHED\tCACHE HITS\tMOUNTPOINT")
+	fmt.Fprintln(tw, "LAYER\tENTRIES\tREQUESTS\tFETCHED\tCACHE HITS\tCACHE\tLOCAL\tPEERS\tORIGIN\tMOUNTPOINT")
 	for _, l := range st.Layers {
 		d := l.Digest
 		if len(d) > 19 {
 			d = d[:19]
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\n", d, l.Entries, l.Stats.FetchRequests, l.Stats.FetchedBytes, l.Stats.CacheHits, l.Mountpoint)
+		src := l.Stats.Sources
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", d, l.Entries, l.Stats.FetchRequests, l.Stats.FetchedBytes, l.Stats.CacheHits,
+			human(src[blob.SourceCache].Bytes), sourceCell(src[blob.SourceLocal]), sourceCell(src[blob.SourcePeer]), sourceCell(src[blob.SourceOrigin]), l.Mountpoint)
 	}
 	tw.Flush()
+	fmt.Fprintln(w, "CACHE: bytes reads found in the chunk store; LOCAL, PEERS, ORIGIN: blob bytes fetched from this node's peer storage, other peers, the registry / time fetches waited on them")
+}
+
+// sourceCell shows what one source gave a layer: bytes and time waited.
+func sourceCell(c blob.SourceCount) string {
+	if c.Bytes == 0 && c.WaitSeconds == 0 {
+		return "-"
+	}
+	return human(c.Bytes) + "/" + (time.Duration(c.WaitSeconds * float64(time.Second))).Round(time.Millisecond).String()
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/starling-dev/starling/pkg/blob"
 	"github.com/starling-dev/starling/pkg/layer"
+	"github.com/starling-dev/starling/pkg/originq"
 	"github.com/starling-dev/starling/pkg/peer"
 	"github.com/starling-dev/starling/pkg/registry"
 )
@@ -20,13 +21,24 @@ import (
 // mirrors and retries; the task also carries the client's Authorization
 // header, so that a seed fetching for this node may read what it may.
 // Each fetcher is a *peer.LazyFetcher: whoever ends the layer closes it
-// (io.Closer) so that its task can be collected.
-func p2pFetchers(p *peer.Peer, client *registry.Client) layer.FetcherFactory {
+// (io.Closer) so that its task can be collected. Its registry range reads
+// (direct, and the task's origin) hold a slot of gate to the registry
+// host at the priority of the read (pkg/blob tags demand, prefetch and
+// background fetch).
+func p2pFetchers(p *peer.Peer, client *registry.Client, gate *originq.Gate) layer.FetcherFactory {
 	auth := &authCache{client: client, ttl: authTTL, m: map[string]authEntry{}}
 	return func(repo name.Repository, desc v1.Descriptor) blob.Fetcher {
-		direct := &blob.RegistryFetcher{Client: client, Repo: repo, Digest: desc.Digest}
+		direct := originq.Fetcher(gate, repo.RegistryStr(), &blob.RegistryFetcher{Client: client, Repo: repo, Digest: desc.Digest})
 		return p.NewLazyFetcher(peer.RegistryBlobRequest(repo, desc), direct,
 			peer.WithAuthorization(func(ctx context.Context) (string, error) { return auth.get(ctx, repo) }))
+	}
+}
+
+// gatedFetchers reads layer blobs straight from the registry, each range
+// read holding a slot of gate to the registry host at its priority.
+func gatedFetchers(client *registry.Client, gate *originq.Gate) layer.FetcherFactory {
+	return func(repo name.Repository, desc v1.Descriptor) blob.Fetcher {
+		return originq.Fetcher(gate, repo.RegistryStr(), &blob.RegistryFetcher{Client: client, Repo: repo, Digest: desc.Digest})
 	}
 }
 

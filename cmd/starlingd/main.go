@@ -21,6 +21,7 @@ import (
 
 	"github.com/starling-dev/starling/internal/version"
 	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/originq"
 	"github.com/starling-dev/starling/pkg/peer"
 )
 
@@ -43,6 +44,10 @@ type daemon struct {
 	metrics *prometheus.Registry
 	// peer is the P2P peer when it runs; the snapshotter reads layers through it.
 	peer *peer.Peer
+	// gate shares each origin host among this daemon's work by priority:
+	// lazy reads, prefetch, background fetch and the peer's origin
+	// fetches ([origin] max_requests_per_host; nil when 0).
+	gate *originq.Gate
 }
 
 func main() {
@@ -140,6 +145,7 @@ func run(ctx context.Context, cfg config.Daemon) error {
 		"snapshotter", cfg.Snapshotter.Enable, "peer", cfg.Peer.Enable, "role", cfg.Peer.Role)
 
 	d := &daemon{health: http.NewServeMux(), metrics: prometheus.NewRegistry()}
+	d.gate = originq.New(cfg.Origin.MaxRequestsPerHost, originq.WithRegisterer(d.metrics))
 	ok := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("OK")) }
 	d.health.HandleFunc("/healthy", ok)
 	d.health.HandleFunc("/server/ping", ok)

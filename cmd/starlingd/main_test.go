@@ -162,7 +162,8 @@ func TestDaemonPeerOnlyStartsAndStops(t *testing.T) {
 	}
 	// The peer's metrics are served, beside the process's.
 	if code, body, err := get("http://" + metrics + "/metrics"); err != nil || code != http.StatusOK ||
-		!strings.Contains(body, "starling_peer_scheduler_up") || !strings.Contains(body, "go_goroutines") {
+		!strings.Contains(body, "starling_peer_scheduler_up") || !strings.Contains(body, "go_goroutines") ||
+		!strings.Contains(body, `starling_origin_requests_in_flight{priority="seed"}`) {
 		t.Errorf("/metrics: %d %v, peer metrics present: %v", code, err, strings.Contains(body, "starling_peer_scheduler_up"))
 	}
 	// The proxy answers (a request with no upstream to name is refused, not dropped).

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/starling-dev/starling/pkg/config"
+	"github.com/starling-dev/starling/pkg/originq"
 	"github.com/starling-dev/starling/pkg/peer"
 	"github.com/starling-dev/starling/pkg/storage"
 )
@@ -69,6 +70,15 @@ func startPeer(ctx context.Context, cfg config.Daemon, d *daemon) (func(context.
 	if err != nil {
 		return nil, err
 	}
+	// The peer's origin requests share the daemon's gate with the lazy
+	// reads. A seed's are whole blobs for the cluster: Seed priority,
+	// unless the request's context says otherwise. A plain peer's are
+	// downloads a client waits on.
+	prio := originq.Demand
+	if o.Seed {
+		prio = originq.Seed
+	}
+	o.Client.Transport = originq.Transport(d.gate, o.Client.Transport, prio)
 	p, err := peer.New(o)
 	if err != nil {
 		return nil, err

@@ -35,14 +35,17 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 	}
 	client := registry.New(cfg.Resolver, registry.WithUserAgent("starlingd/"+version.Version))
 	lo := layer.Options{
-		Root:     filepath.Join(cfg.Root, "lazy"),
-		Registry: client,
-		FS:       cfg.FS,
-		Logger:   slog.Default(),
+		Root:       filepath.Join(cfg.Root, "lazy"),
+		Registry:   client,
+		FS:         cfg.FS,
+		Logger:     slog.Default(),
+		Registerer: d.metrics,
 	}
 	if d.peer != nil && cfg.Peer.Lazy && len(cfg.Peer.Schedulers) > 0 {
-		lo.Fetcher = p2pFetchers(d.peer, client)
+		lo.Fetcher = p2pFetchers(d.peer, client, d.gate)
 		slog.Info("lazy layers read through the P2P peer")
+	} else if d.gate != nil {
+		lo.Fetcher = gatedFetchers(client, d.gate)
 	}
 	layers, err := layer.NewManager(lo)
 	if err != nil {

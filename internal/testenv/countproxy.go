@@ -28,6 +28,7 @@ type CountingProxy struct {
 
 	mu     sync.Mutex
 	byBlob map[string]int64
+	gets   map[string][]string // blob -> Range header of each GET ("" for none)
 	hang   chan struct{}
 }
 
@@ -45,7 +46,7 @@ func StartCountingProxy(t testing.TB, upstream string) *CountingProxy {
 // inside a network namespace).
 func ServeCountingProxy(t testing.TB, l net.Listener, upstream string) *CountingProxy {
 	t.Helper()
-	p := &CountingProxy{Addr: l.Addr().String(), byBlob: map[string]int64{}, hang: make(chan struct{})}
+	p := &CountingProxy{Addr: l.Addr().String(), byBlob: map[string]int64{}, gets: map[string][]string{}, hang: make(chan struct{})}
 	u, _ := url.Parse("http://" + upstream)
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.ModifyResponse = func(resp *http.Response) error {
@@ -59,6 +60,12 @@ func ServeCountingProxy(t testing.TB, l net.Listener, upstream string) *Counting
 	rp.ErrorLog = log.New(io.Discard, "", 0)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.requests.Add(1)
+		if i := strings.Index(r.URL.Path, "/blobs/"); i >= 0 && r.Method == http.MethodGet {
+			p.mu.Lock()
+			blob := r.URL.Path[i+len("/blobs/"):]
+			p.gets[blob] = append(p.gets[blob], r.Header.Get("Range"))
+			p.mu.Unlock()
+		}
 		if d := time.Duration(p.latency.Load()); d > 0 {
 			time.Sleep(d)
 		}
@@ -113,12 +120,21 @@ func (p *CountingProxy) BlobBytes(digest string) int64 {
 	return p.byBlob[digest]
 }
 
+// BlobGets is the Range header of every GET of one blob ("sha256:...")
+// so far, in arrival order; "" is a GET of the whole blob.
+func (p *CountingProxy) BlobGets(digest string) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.gets[digest]...)
+}
+
 // Reset zeroes the counters.
 func (p *CountingProxy) Reset() {
 	p.bytes.Store(0)
 	p.requests.Store(0)
 	p.mu.Lock()
 	p.byBlob = map[string]int64{}
+	p.gets = map[string][]string{}
 	p.mu.Unlock()
 }
 

@@ -14,10 +14,11 @@ import (
 
 // StartScheduler serves a real scheduler over gRPC on a loopback port
 // until the test ends; it returns the address and the server.
+// Its start grace is off: a test's peers hold nothing to re-announce.
 func StartScheduler(t testing.TB) (string, *scheduler.Server) {
 	t.Helper()
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{}), scheduler.ServerOptions{Logger: quiet})
+	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}), scheduler.ServerOptions{Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,29 @@ func StartRegistry(t testing.TB) *Registry {
 // StartRegistryAt starts docker-registry listening on addr inside netns ("" for the host's).
 func StartRegistryAt(t testing.TB, netns, addr string) *Registry {
 	t.Helper()
+	return startRegistry(t, netns, addr, "", "")
+}
+
+// StartAuthRegistry is StartRegistry behind basic authentication
+// (docker-registry's htpasswd): user with the password whose bcrypt hash is
+// hash. A low bcrypt cost keeps the check, made on every request, cheap.
+func StartAuthRegistry(t testing.TB, user, hash string) *Registry {
+	t.Helper()
+	Require(t, "docker-registry")
+	return startRegistry(t, "", fmt.Sprintf("127.0.0.1:%d", FreePort(t)), user, hash)
+}
+
+func startRegistry(t testing.TB, netns, addr, user, hash string) *Registry {
+	t.Helper()
 	dir := t.TempDir()
+	auth := ""
+	if user != "" {
+		pw := filepath.Join(dir, "htpasswd")
+		if err := os.WriteFile(pw, []byte(user+":"+hash+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		auth = fmt.Sprintf("auth:\n  htpasswd:\n    realm: starling-test\n    path: %s\n", pw)
+	}
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: warn
@@ -44,7 +66,7 @@ storage:
 http:
   addr: %s
   secret: starling-test
-`, filepath.Join(dir, "data"), addr)
+`, filepath.Join(dir, "data"), addr) + auth
 	cfgPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

@@ -29,6 +29,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/starling-dev/starling/pkg/originq"
 	"github.com/starling-dev/starling/pkg/toc"
 )
 
@@ -66,6 +67,64 @@ func (f *RegistryFetcher) Fetch(ctx context.Context, off, length int64) (io.Read
 	return f.Client.BlobRange(ctx, f.Repo, f.Digest, off, length)
 }
 
+// Where a layer's bytes came from, the keys of Stats.Sources.
+const (
+	// SourceCache is bytes read by the layer's readers that were in the
+	// chunk store already (uncompressed): no fetch.
+	SourceCache = "cache"
+	// SourceLocal is blob bytes the fetcher had on this node (the peer's
+	// storage).
+	SourceLocal = "local"
+	// SourcePeer is blob bytes from another peer.
+	SourcePeer = "peer"
+	// SourceOrigin is blob bytes from the registry.
+	SourceOrigin = "origin"
+)
+
+// Sources lists the sources in the order they are shown.
+var Sources = []string{SourceCache, SourceLocal, SourcePeer, SourceOrigin}
+
+// SourceStats is implemented by fetchers that know where the bytes they
+// returned came from. A fetcher that does not is the origin: the Reader
+// counts its bytes and the time its fetches took as SourceOrigin.
+type SourceStats interface {
+	// BytesBySource returns the bytes returned so far, by source: "local"
+	// (peer storage on this node), "peer", "origin".
+	BytesBySource() map[string]int64
+	// WaitBySource returns the time Fetch calls waited, by the source
+	// that answered.
+	WaitBySource() map[string]time.Duration
+}
+
+// SourceCount is what one source gave a layer.
+type SourceCount struct {
+	Bytes       int64   `json:"bytes"`
+	WaitSeconds float64 `json:"wait_seconds"`
+}
+
+// fetcherAs finds what f implements of T, looking through wrappers
+// (Counted) that have Unwrap.
+func fetcherAs[T any](f Fetcher) (T, bool) {
+	for f != nil {
+		if t, ok := f.(T); ok {
+			return t, true
+		}
+		u, ok := f.(interface{ Unwrap() Fetcher })
+		if !ok {
+			break
+		}
+		f = u.Unwrap()
+	}
+	var zero T
+	return zero, false
+}
+
+// sourceStatsOf finds the SourceStats of f, nil when it has none.
+func sourceStatsOf(f Fetcher) SourceStats {
+	s, _ := fetcherAs[SourceStats](f)
+	return s
+}
+
 // Store holds verified, decompressed chunks by digest: one copy of a chunk
 // per node, whatever layers share it.
 type Store interface {
@@ -88,6 +147,13 @@ type FileStore interface {
 	PutFile(digest string, size int64, fill func(io.Writer) error) error
 }
 
+// Confirmer is implemented by fetchers that keep what they fetched for
+// others (the P2P peer): the reader tells them which bytes matched their
+// chunk's digest, and only those are offered to other nodes.
+type Confirmer interface {
+	Verified(off, length int64)
+}
+
 // ErrVerify is returned when a chunk does not match its digest.
 var ErrVerify = errors.New("chunk does not match its digest")
 
@@ -105,6 +171,12 @@ type Stats struct {
 	ChunksFetched  int64 `json:"chunks_fetched"`
 	CacheHits      int64 `json:"cache_hits"`
 	VerifyFailures int64 `json:"verify_failures"`
+	// Sources says where the layer's bytes came from (keys in Sources),
+	// and how long fetches waited on each. Blob bytes include the
+	// footer and TOC read at resolve; "cache" is bytes that reads found
+	// in the chunk store (reads the kernel serves by passthrough never
+	// reach starlingd and are not counted).
+	Sources map[string]SourceCount `json:"sources,omitempty"`
 }
 
 // Options configures a Reader.
@@ -132,6 +204,7 @@ type Reader struct {
 	o       Options
 	fetcher Fetcher
 	store   Store
+	sources SourceStats // nil: the fetcher is the origin, counted here
 
 	ctx    context.Context // the Reader's life: fetches run under it
 	cancel context.CancelFunc
@@ -156,6 +229,10 @@ type Reader struct {
 	failed map[string]failure
 
 	fetchRequests, fetchedBytes, chunksFetched, cacheHits, verifyFailures atomic.Int64
+	// cacheBytes are bytes read from the store without a fetch;
+	// originBytes and originWait (ns) count what a fetcher without
+	// SourceStats returned and how long its requests took.
+	cacheBytes, originBytes, originWait atomic.Int64
 }
 
 // maxSpill bounds the verified chunks a Reader keeps in memory when the
@@ -221,6 +298,9 @@ type failure struct {
 type fetch struct {
 	done chan struct{}
 	err  error
+	// level is the priority of the request that brings the chunk on the
+	// origin link; a more urgent reader that waits on it raises it.
+	level *originq.Level
 }
 
 // NewReader returns a Reader of the blob behind f.
@@ -244,7 +324,7 @@ func NewReader(f Fetcher, store Store, o Options) *Reader {
 	idle := make(chan struct{})
 	close(idle)
 	return &Reader{
-		o: o, fetcher: f, store: store,
+		o: o, fetcher: f, store: store, sources: sourceStatsOf(f),
 		ctx: ctx, cancel: cancel,
 		raSem:    make(chan struct{}, o.ReadAheadRequests),
 		inflight: map[string]*fetch{},
@@ -280,13 +360,71 @@ func (r *Reader) goOwned(f func()) bool {
 
 // Stats returns the counters so far.
 func (r *Reader) Stats() Stats {
+	src := make(map[string]SourceCount, len(Sources))
+	for _, s := range Sources {
+		src[s] = SourceCount{}
+	}
+	src[SourceCache] = SourceCount{Bytes: r.cacheBytes.Load()}
+	if r.sources != nil {
+		for k, n := range r.sources.BytesBySource() {
+			c := src[k]
+			c.Bytes += n
+			src[k] = c
+		}
+		for k, d := range r.sources.WaitBySource() {
+			c := src[k]
+			c.WaitSeconds += d.Seconds()
+			src[k] = c
+		}
+	} else {
+		src[SourceOrigin] = SourceCount{Bytes: r.originBytes.Load(), WaitSeconds: time.Duration(r.originWait.Load()).Seconds()}
+	}
 	return Stats{
 		FetchRequests:  r.fetchRequests.Load(),
 		FetchedBytes:   r.fetchedBytes.Load(),
 		ChunksFetched:  r.chunksFetched.Load(),
 		CacheHits:      r.cacheHits.Load(),
 		VerifyFailures: r.verifyFailures.Load(),
+		Sources:        src,
 	}
+}
+
+// FetchRange reads length bytes of the blob at off through the Reader's
+// fetcher, outside the chunks (the footer and TOC at resolve), counted in
+// the Reader's sources like its chunk fetches. It runs under ctx at the
+// priority ctx carries (Demand when none).
+func (r *Reader) FetchRange(ctx context.Context, off, length int64) (io.ReadCloser, error) {
+	t0 := time.Now()
+	rc, err := r.fetcher.Fetch(ctx, off, length)
+	if r.sources != nil {
+		return rc, err
+	}
+	if err != nil {
+		r.originWait.Add(int64(time.Since(t0)))
+		return nil, err
+	}
+	return &originBody{ReadCloser: rc, r: r, t0: t0}, nil
+}
+
+// originBody counts a fetcher's bytes as the origin's, and the time from
+// the request to Close as its wait.
+type originBody struct {
+	io.ReadCloser
+	r    *Reader
+	t0   time.Time
+	once sync.Once
+}
+
+func (b *originBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.r.originBytes.Add(int64(n))
+	return n, err
+}
+
+func (b *originBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(func() { b.r.originWait.Add(int64(time.Since(b.t0))) })
+	return err
 }
 
 // Local reports whether every chunk of cs is stored.
@@ -307,10 +445,14 @@ func (r *Reader) ReadAt(ctx context.Context, c Chunk, p []byte, off int64) (int,
 		if n, ok := r.store.ReadAt(c.Digest, p, off); ok {
 			if attempt == 0 {
 				r.cacheHits.Add(1)
+				r.cacheBytes.Add(int64(n))
 			}
 			return n, nil
 		}
 		if n, ok := r.readSpilled(c.Digest, p, off); ok {
+			if attempt == 0 {
+				r.cacheBytes.Add(int64(n))
+			}
 			return n, nil
 		}
 		if attempt == 3 {
@@ -343,13 +485,21 @@ func (r *Reader) Ensure(ctx context.Context, cs []Chunk) error {
 		}
 		r.mu.Unlock()
 	}()
-	return r.ensure(ctx, cs)
+	return r.ensure(ctx, cs, originq.Demand)
 }
 
-// Prefetch fetches cs for no reader in particular (the prioritized region,
-// background fetch). Readers that need one of them wait for it instead of
-// fetching it again.
-func (r *Reader) Prefetch(ctx context.Context, cs []Chunk) error { return r.ensure(ctx, cs) }
+// Prefetch fetches cs for no reader in particular, at Prefetch priority on
+// the origin link (the prioritized region). Readers that need one of them
+// wait for it instead of fetching it again, and raise its priority.
+func (r *Reader) Prefetch(ctx context.Context, cs []Chunk) error {
+	return r.ensure(ctx, cs, originq.Prefetch)
+}
+
+// Background fetches cs like Prefetch, at Background priority on the
+// origin link (the rest of a layer, after its prioritized region).
+func (r *Reader) Background(ctx context.Context, cs []Chunk) error {
+	return r.ensure(ctx, cs, originq.Background)
+}
 
 // ReadAhead starts fetching cs without waiting for them. Read-ahead beyond
 // ReadAheadRequests in flight is dropped: it is a guess, not a need.
@@ -367,7 +517,7 @@ func (r *Reader) ReadAhead(cs []Chunk) {
 		defer r.recoverInto("read-ahead")
 		// Errors were logged by the fetch; a read that needs these chunks
 		// will try again.
-		_ = r.ensure(r.ctx, cs)
+		_ = r.ensure(r.ctx, cs, originq.Prefetch)
 	})
 	if !ok {
 		<-r.raSem
@@ -391,13 +541,16 @@ func (r *Reader) WaitIdle(ctx context.Context) error {
 }
 
 // ensure claims the missing chunks of cs that nobody fetches yet, starts
-// their fetch, and waits for all of cs. A chunk whose fetch by someone else
-// failed is claimed and fetched again, a bounded number of times.
-func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
+// their fetch at priority prio, and waits for all of cs, raising the
+// priority of the fetches of others it waits on to prio. A chunk whose
+// fetch by someone else failed is claimed and fetched again, a bounded
+// number of times.
+func (r *Reader) ensure(ctx context.Context, cs []Chunk, prio originq.Priority) error {
 	var lastErr error
 	for round := 0; round < 3; round++ {
 		var waits []*fetch
 		var mine []Chunk
+		lvl := originq.NewLevel(prio)
 		seen := make(map[string]bool, len(cs))
 		r.mu.Lock()
 		if r.ctx.Err() != nil {
@@ -411,7 +564,7 @@ func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
 			seen[c.Digest] = true
 			if fl, ok := r.failed[c.Digest]; ok && time.Since(fl.at) < failMemory && !r.hasLocked(c.Digest) {
 				r.mu.Unlock()
-				r.start(mine)
+				r.start(mine, lvl)
 				return fl.err
 			}
 			if f, ok := r.inflight[c.Digest]; ok {
@@ -421,7 +574,7 @@ func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
 			if r.hasLocked(c.Digest) {
 				continue
 			}
-			f := &fetch{done: make(chan struct{})}
+			f := &fetch{done: make(chan struct{}), level: lvl}
 			r.inflight[c.Digest] = f
 			waits = append(waits, f)
 			mine = append(mine, c)
@@ -430,7 +583,12 @@ func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
 		if len(waits) == 0 {
 			return nil
 		}
-		r.start(mine)
+		// Fetches of others this waits on go at least at its priority
+		// (not under r.mu: a raise takes the gate's lock).
+		for _, f := range waits {
+			f.level.Raise(prio)
+		}
+		r.start(mine, lvl)
 		failed := false
 		for _, f := range waits {
 			select {
@@ -461,8 +619,8 @@ func (r *Reader) ensure(ctx context.Context, cs []Chunk) error {
 
 // start fetches claimed chunks in Reader-owned goroutines, one per run of
 // adjacent chunks, so that no caller's cancellation cuts a fetch others
-// wait on, and Close ends them all.
-func (r *Reader) start(mine []Chunk) {
+// wait on, and Close ends them all. Their requests go out at lvl.
+func (r *Reader) start(mine []Chunk, lvl *originq.Level) {
 	if len(mine) == 0 {
 		return
 	}
@@ -473,7 +631,7 @@ func (r *Reader) start(mine []Chunk) {
 		return mine[i].Inner < mine[j].Inner
 	})
 	for _, g := range r.groups(mine) {
-		if !r.goOwned(func() { r.finish(g, r.fetchGroup(g)) }) {
+		if !r.goOwned(func() { r.finish(g, r.fetchGroup(g, lvl)) }) {
 			r.finish(g, fmt.Errorf("layer %s: %w", r.o.Layer, ErrClosed))
 		}
 	}
@@ -527,9 +685,9 @@ func (r *Reader) groups(cs []Chunk) [][]Chunk {
 	return out
 }
 
-// fetchGroup gets one run of chunks, retrying within FetchTimeout. It logs
-// one line when it gives up.
-func (r *Reader) fetchGroup(g []Chunk) (err error) {
+// fetchGroup gets one run of chunks at lvl, retrying within FetchTimeout.
+// It logs one line when it gives up.
+func (r *Reader) fetchGroup(g []Chunk, lvl *originq.Level) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			r.o.Logger.Error("panic in layer fetch", "layer", r.o.Layer, "panic", p, "stack", string(debug.Stack()))
@@ -540,7 +698,7 @@ func (r *Reader) fetchGroup(g []Chunk) (err error) {
 	for _, c := range g {
 		end = max(end, c.End)
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.o.FetchTimeout)
+	ctx, cancel := context.WithTimeout(originq.WithLevel(r.ctx, lvl), r.o.FetchTimeout)
 	defer cancel()
 	verifyFailures := 0
 	fetch := r.fetcher.Fetch
@@ -584,7 +742,18 @@ func (r *Reader) fetchGroup(g []Chunk) (err error) {
 // run does not wait for the rest.
 func (r *Reader) fetchOnce(ctx context.Context, fetch func(ctx context.Context, off, length int64) (io.ReadCloser, error), g []Chunk, start, end int64) error {
 	r.fetchRequests.Add(1)
+	t0 := time.Now()
 	rc, err := fetch(ctx, start, end-start)
+	if r.sources == nil {
+		// The fetcher is the origin: the wait is the request's, up to
+		// its last byte, not the decoding in between.
+		var waited time.Duration
+		defer func() { r.originWait.Add(int64(waited)) }()
+		waited = time.Since(t0)
+		if rc != nil {
+			rc = &timedBody{ReadCloser: rc, waited: &waited, bytes: &r.originBytes}
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("layer %s chunk %s: fetch bytes %d-%d: %w", r.o.Layer, g[0].Digest, start, end-1, err)
 	}
@@ -607,6 +776,9 @@ func (r *Reader) fetchOnce(ctx context.Context, fetch func(ctx context.Context, 
 		if err != nil {
 			return err
 		}
+		if v, ok := fetcherAs[Confirmer](r.fetcher); ok {
+			v.Verified(c.Offset, c.End-c.Offset)
+		}
 		if err := r.store.Put(c.Digest, data); err != nil {
 			// The bytes are verified: the readers waiting on them get them
 			// even though the store (a full disk, a quota held by chunks
@@ -619,6 +791,21 @@ func (r *Reader) fetchOnce(ctx context.Context, fetch func(ctx context.Context, 
 		r.finish(g[i:i+1], nil)
 	}
 	return nil
+}
+
+// timedBody adds the time spent in Read to waited, and the bytes to bytes.
+type timedBody struct {
+	io.ReadCloser
+	waited *time.Duration
+	bytes  *atomic.Int64
+}
+
+func (b *timedBody) Read(p []byte) (int, error) {
+	t := time.Now()
+	n, err := b.ReadCloser.Read(p)
+	*b.waited += time.Since(t)
+	b.bytes.Add(int64(n))
+	return n, err
 }
 
 // decode decompresses a chunk's stream, cuts the chunk out and verifies it.

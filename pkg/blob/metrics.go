@@ -49,6 +49,10 @@ func (c countedDirect) FetchDirect(ctx context.Context, off, length int64) (io.R
 
 type countedFetcher struct{ f Fetcher }
 
+// Unwrap returns the counted fetcher, so that what it implements
+// (SourceStats) is still found.
+func (c countedFetcher) Unwrap() Fetcher { return c.f }
+
 func (c countedFetcher) Fetch(ctx context.Context, off, length int64) (io.ReadCloser, error) {
 	metricFetchRequests.Inc()
 	rc, err := c.f.Fetch(ctx, off, length)

@@ -36,6 +36,7 @@ type Daemon struct {
 	Peer        Peer            `toml:"peer"`
 	Proxy       Proxy           `toml:"proxy"`
 	Storage     Storage         `toml:"storage"`
+	Origin      Origin          `toml:"origin"`
 }
 
 // Default returns the configuration used when no file is given.
@@ -51,6 +52,7 @@ func Default() Daemon {
 		Peer:          DefaultPeer(),
 		Proxy:         DefaultProxy(),
 		Storage:       DefaultStorage(),
+		Origin:        DefaultOrigin(),
 	}
 }
 

@@ -21,6 +21,8 @@ func TestLoad(t *testing.T) {
 [fs]
 prefetch = false
 fetch_timeout = "3s"
+[origin]
+max_requests_per_host = 4
 [resolver]
 retries = 1
 [resolver.host."reg.example:5000"]
@@ -35,6 +37,9 @@ insecure = true
 	}
 	if c.Root != "/srv/starling" || c.FS.Prefetch || c.FS.FetchTimeout != 3*time.Second || !c.FS.BackgroundFetch || c.Resolver.Retries != 1 {
 		t.Fatalf("loaded %+v", c)
+	}
+	if c.Origin.MaxRequestsPerHost != 4 || Default().Origin.MaxRequestsPerHost != 16 {
+		t.Fatalf("origin %+v, default %+v", c.Origin, Default().Origin)
 	}
 	h := c.Resolver.Host["reg.example:5000"]
 	if !h.Insecure || len(h.Mirrors) != 1 || h.Mirrors[0].Header["X-Dragonfly-Registry"][0] != "https://reg.example:5000" {

@@ -35,6 +35,15 @@ type Scheduler struct {
 	// MaxParents is how many parents are offered per piece; the peer
 	// spreads its requests over them.
 	MaxParents int `toml:"max_parents"`
+	// MaxOriginFetchers is how many plain (non-seed) peers may fetch one
+	// whole blob from the origin at once; the others take its pieces from
+	// them. Without a bound every peer that starts fetches its first
+	// pieces from the origin itself.
+	MaxOriginFetchers int `toml:"max_origin_fetchers"`
+	// StartGrace: for this long after the scheduler starts, no origin
+	// fetch of a whole blob is handed out, so that peers re-announce what
+	// they hold first and a restart does not refetch it ("-1s": off).
+	StartGrace time.Duration `toml:"start_grace"`
 	// GCInterval is how often dead peers and abandoned tasks are purged
 	// from memory.
 	GCInterval time.Duration `toml:"gc_interval"`
@@ -50,6 +59,11 @@ func DefaultScheduler() Scheduler {
 		FetchTTL:   60 * time.Second,
 		MaxParents: 4,
 		GCInterval: 30 * time.Second,
+		// One seed plus two others keeps the origin link busy while
+		// every other peer trades pieces.
+		MaxOriginFetchers: 2,
+		// Peers announce every second; three cover a lost heartbeat.
+		StartGrace: 3 * time.Second,
 	}
 }
 
@@ -79,6 +93,9 @@ func (c Scheduler) Validate() error {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s: %s is not positive", d.name, d.v))
 		}
+	}
+	if c.MaxOriginFetchers <= 0 {
+		errs = append(errs, fmt.Errorf("max_origin_fetchers: %d is not positive", c.MaxOriginFetchers))
 	}
 	if c.MaxParents <= 0 {
 		errs = append(errs, fmt.Errorf("max_parents: %d is not positive", c.MaxParents))

@@ -28,6 +28,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/starling-dev/starling/pkg/blob"
@@ -66,6 +67,10 @@ type Options struct {
 	// Store overrides the chunk store (tests); nil opens Root/chunks.
 	Store  blob.Store
 	Logger *slog.Logger
+	// Registerer, when set, gets the Manager's metrics:
+	// starling_layer_bytes_total{source} and
+	// starling_layer_wait_seconds_total{source}, over every layer.
+	Registerer prometheus.Registerer
 }
 
 // Manager resolves and mounts layers; it owns the node's chunk store and
@@ -77,6 +82,9 @@ type Manager struct {
 	mu     sync.Mutex
 	fs     *lazyfs.FS
 	layers map[*Layer]bool // resolved and not closed
+	// retired sums the sources of closed layers, so that the metrics
+	// over all layers never go back when one closes.
+	retired map[string]blob.SourceCount
 }
 
 // NewManager opens the chunk store. The lazy filesystem is mounted with
@@ -92,7 +100,12 @@ func NewManager(o Options) (*Manager, error) {
 	if o.FS.FetchTimeout <= 0 {
 		o.FS.FetchTimeout = d.FetchTimeout
 	}
-	m := &Manager{o: o, store: o.Store, layers: map[*Layer]bool{}}
+	m := &Manager{o: o, store: o.Store, layers: map[*Layer]bool{}, retired: map[string]blob.SourceCount{}}
+	if o.Registerer != nil {
+		if err := o.Registerer.Register(sourceCollector{m}); err != nil {
+			return nil, fmt.Errorf("layer metrics: %w", err)
+		}
+	}
 	if m.store == nil {
 		c, err := chunkcache.Open(filepath.Join(o.Root, "chunks"), o.FS.CacheSize)
 		if err != nil {
@@ -218,10 +231,22 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 	} else {
 		f = &blob.RegistryFetcher{Client: m.o.Registry, Repo: repo, Digest: desc.Digest}
 	}
+	counted := blob.Counted(f)
+	// The reader exists before the TOC is read, so that the footer and
+	// TOC count among the layer's bytes by source.
+	br := blob.NewReader(counted, m.store, blob.Options{
+		Layer:        desc.Digest.String(),
+		Decompressor: dec,
+		FetchTimeout: m.o.FS.FetchTimeout,
+		MaxMerge:     64 << 20,
+		Logger:       m.o.Logger,
+	})
 	ok = false
 	defer func() {
 		if !ok {
+			br.Close()
 			closeFetcher(f)
+			m.retire(br.Stats().Sources)
 		}
 	}()
 	size := desc.Size
@@ -230,10 +255,24 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 			return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 		}
 	}
-	counted := blob.Counted(f)
-	ra := &tailReaderAt{ctx: ctx, f: counted, size: size, tail: min(size, m.o.FS.TailFetchSize), timeout: m.o.FS.FetchTimeout}
+	load := func(fetch fetchFunc) (*toc.Index, error) {
+		ra := &tailReaderAt{ctx: ctx, f: fetch, size: size, tail: min(size, m.o.FS.TailFetchSize), timeout: m.o.FS.FetchTimeout}
+		ix, err := toc.Load(ra, size, dec, Limits(m.o.FS))
+		if err == nil && ix.TOCDigest != tocDigest {
+			err = fmt.Errorf("TOC does not match the annotation: its digest is %s, the annotation says %s", ix.TOCDigest, tocDigest)
+		}
+		return ix, err
+	}
 	m.o.Logger.Debug("resolving layer", "layer", desc.Digest, "size", size)
-	ix, err := toc.Load(ra, size, dec, Limits(m.o.FS))
+	ix, err := load(fetchFunc(br.FetchRange))
+	if err != nil && !errors.Is(err, toc.ErrLossy) && ctx.Err() == nil {
+		// Through the P2P peer the footer and TOC may come from another
+		// node, corrupted on the way or by it: the registry decides.
+		if d, ok := counted.(blob.DirectFetcher); ok {
+			m.o.Logger.Warn("layer footer or TOC through the peer is bad: reading it from the registry", "layer", desc.Digest, "err", err)
+			ix, err = load(fetchFunc(d.FetchDirect))
+		}
+	}
 	if errors.Is(err, toc.ErrLossy) {
 		// Names the TOC cannot carry exactly (not UTF-8): only the layer's
 		// own tar has them right, so it is pulled whole.
@@ -242,17 +281,7 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 	if err != nil {
 		return nil, fmt.Errorf("layer %s: %w", desc.Digest, err)
 	}
-	if ix.TOCDigest != tocDigest {
-		return nil, fmt.Errorf("layer %s: TOC does not match the annotation: its digest is %s, the annotation says %s", desc.Digest, ix.TOCDigest, tocDigest)
-	}
 	m.o.Logger.Debug("layer resolved", "layer", desc.Digest, "entries", ix.Entries)
-	br := blob.NewReader(counted, m.store, blob.Options{
-		Layer:        desc.Digest.String(),
-		Decompressor: dec,
-		FetchTimeout: m.o.FS.FetchTimeout,
-		MaxMerge:     64 << 20,
-		Logger:       m.o.Logger,
-	})
 	lctx, cancel := context.WithCancel(context.Background())
 	l := &Layer{desc: desc, index: ix, chunks: br, fetcher: f, m: m, ctx: lctx, cancel: cancel, done: make(chan struct{})}
 	m.mu.Lock()
@@ -356,7 +385,12 @@ func (l *Layer) Close() {
 	<-l.done
 	l.chunks.Close()
 	closeFetcher(l.fetcher)
+	// Retired under the lock that the metrics read under: a scrape sees
+	// the layer open or retired, never both or neither.
 	l.m.mu.Lock()
+	if l.m.layers[l] {
+		l.m.retireLocked(l.chunks.Stats().Sources)
+	}
 	delete(l.m.layers, l)
 	l.m.mu.Unlock()
 }
@@ -408,7 +442,7 @@ func (l *Layer) fetchAhead() {
 			n++
 		}
 		n = max(n, 1)
-		if err := l.chunks.Prefetch(ctx, rest[:n]); err != nil {
+		if err := l.chunks.Background(ctx, rest[:n]); err != nil {
 			if ctx.Err() == nil {
 				l.m.o.Logger.Warn("background fetch stopped", "layer", l.desc.Digest, "err", err)
 			}

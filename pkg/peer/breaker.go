@@ -120,6 +120,8 @@ type lazyShared struct {
 	fallbacks   *prometheus.CounterVec
 	directReads *prometheus.CounterVec
 	open        prometheus.Gauge
+	bytes       *prometheus.CounterVec
+	wait        *prometheus.CounterVec
 
 	sched breaker
 }
@@ -138,8 +140,16 @@ func newLazyShared(r prometheus.Registerer) (*lazyShared, error) {
 			Name: "starling_peer_lazy_breakers_open",
 			Help: "Breakers open on the peer path of lazy reads (one per blob, one for the scheduler).",
 		}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "starling_peer_lazy_bytes_total",
+			Help: "Bytes lazy reads got, by source (local: this node's peer storage, peer, origin).",
+		}, []string{"source"}),
+		wait: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "starling_peer_lazy_wait_seconds_total",
+			Help: "Time lazy reads waited for their bytes, by the source that answered.",
+		}, []string{"source"}),
 	}
-	for _, c := range []prometheus.Collector{l.fallbacks, l.directReads, l.open} {
+	for _, c := range []prometheus.Collector{l.fallbacks, l.directReads, l.open, l.bytes, l.wait} {
 		if err := r.Register(c); err != nil {
 			return nil, err
 		}

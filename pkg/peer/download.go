@@ -206,10 +206,11 @@ func (d *Download) NewReader(ctx context.Context, off, length int64) io.ReadClos
 	if length < 0 || off+length > t.length {
 		length = t.length - off
 	}
+	r := &reader{ctx: ctx, t: t, pos: off, end: off + max(length, 0)}
 	if length > 0 {
 		if first, last, ok := piece.Covering(off, length, t.length, t.psize); ok {
-			// The reader's next pieces first, the rest of the range in
-			// the background order; Read moves the front along.
+			// The reader's next pieces first, then the window ahead of
+			// it (pendingLocked); Read moves the front along.
 			t.mu.Lock()
 			for n := first; n <= last; n++ {
 				if !t.have[n] {
@@ -217,11 +218,12 @@ func (d *Download) NewReader(ctx context.Context, off, length int64) io.ReadClos
 					delete(t.failed, n)
 				}
 			}
+			t.fronts[r] = first
 			t.wantLocked(first, min(first+readAhead-1, last))
 			t.mu.Unlock()
 		}
 	}
-	return &reader{ctx: ctx, t: t, pos: off, end: off + max(length, 0)}
+	return r
 }
 
 // readAhead is how many pieces ahead of a streaming reader are fetched first.
@@ -235,11 +237,15 @@ type reader struct {
 
 func (r *reader) Read(b []byte) (int, error) {
 	if r.pos >= r.end {
+		r.Close()
 		return 0, io.EOF
 	}
 	n := int(r.pos / r.t.psize)
 	last := int((r.end - 1) / r.t.psize)
 	r.t.mu.Lock()
+	if f, ok := r.t.fronts[r]; ok && f != n {
+		r.t.fronts[r] = n
+	}
 	if !r.t.have[n] || (n+1 <= last && !r.t.have[n+1]) {
 		r.t.wantLocked(n, min(n+readAhead-1, last))
 	}
@@ -265,7 +271,12 @@ func (r *reader) Read(b []byte) (int, error) {
 	return got, nil
 }
 
-func (r *reader) Close() error { return nil }
+func (r *reader) Close() error {
+	r.t.mu.Lock()
+	delete(r.t.fronts, r)
+	r.t.mu.Unlock()
+	return nil
+}
 
 // Start fetches the whole task in the background.
 func (d *Download) Start() {

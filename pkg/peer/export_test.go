@@ -7,3 +7,6 @@ func HeldTask(p *Peer, id string) bool {
 	defer p.mu.Unlock()
 	return p.tasks[id] != nil
 }
+
+// DiscardTask removes a task from storage, as GC or a failed verification does.
+func DiscardTask(p *Peer, id string) { _ = p.store.Remove(id) }

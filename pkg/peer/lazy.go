@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -54,6 +55,13 @@ type LazyFetcher struct {
 	opening chan struct{} // closed when an Open in progress ends
 	users   int           // Fetch calls and readers not yet closed
 	closed  bool
+
+	// smu guards the byte counts and the bytes written awaiting
+	// verification (ranges.go).
+	smu     sync.Mutex
+	written byteSet
+	bytes   map[string]int64
+	wait    map[string]time.Duration
 }
 
 // LazyOption configures a LazyFetcher.
@@ -77,7 +85,7 @@ func (p *Peer) NewLazyFetcher(r Request, direct Fetcher, opts ...LazyOption) *La
 		r.Source = sizedSource{Fetcher: direct, size: r.Length}
 	}
 	r.Lazy = true
-	f := &LazyFetcher{p: p, req: r, direct: direct}
+	f := &LazyFetcher{p: p, req: r, direct: direct, bytes: map[string]int64{}, wait: map[string]time.Duration{}}
 	for _, o := range opts {
 		o(f)
 	}
@@ -165,7 +173,12 @@ func (f *LazyFetcher) FetchDirect(ctx context.Context, off, length int64) (io.Re
 // directRead reads the range from direct, counting why.
 func (f *LazyFetcher) directRead(ctx context.Context, off, length int64, reason string) (io.ReadCloser, error) {
 	f.p.lazy.directReads.WithLabelValues(reason).Inc()
-	return f.direct.Fetch(ctx, off, length)
+	start := time.Now()
+	rc, err := f.direct.Fetch(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	return &countingReader{r: rc, c: rc, left: length, f: f, src: srcOrigin, start: start}, nil
 }
 
 // fallback opens the breaker that reason names (the peer-wide one for
@@ -194,13 +207,14 @@ func (f *LazyFetcher) fallback(reason string, off, length int64, err error, prob
 // it says why, and whether that should open a breaker.
 //
 // "Slow" is measured against what the registry would need for the same
-// range: one round trip and the range's bytes. The peer path hands out a
-// range only once every piece covering it is held, so its first byte is
-// its last; LazyFallbackAfter (2s by default) bounds that wait, which is
-// many origin round trips on any link where P2P pays, and covers what
-// the peer path may legitimately add (scheduler call, a parent's queue, a
-// piece bigger than the range). A peer path that cannot beat it for a
-// range is not worth a blocked reader: the read goes direct.
+// range. The peer path asks the scheduler, may wait on another peer's
+// origin fetch of the same bytes (about as long as that fetch should
+// take, see scheduler.ScheduleRange) and opens its segments' requests;
+// LazyFallbackAfter (2s by default) bounds all of that, which is many
+// origin round trips on any link where P2P pays. A peer path that cannot
+// start a range within it is not worth a blocked reader: the read goes
+// direct. Once started, the bytes stream; a segment that fails mid-way is
+// finished from direct by lazyReader.
 func (f *LazyFetcher) viaPeer(ctx context.Context, off, length int64) (_ io.ReadCloser, reason string, trip bool, _ error) {
 	budget := f.p.o.LazyFallbackAfter
 	cut := false
@@ -211,41 +225,47 @@ func (f *LazyFetcher) viaPeer(ctx context.Context, off, length int64) (_ io.Read
 		}
 	}
 	if f.p.schedulerDown() {
-		// The task would fetch whole pieces from the origin, on its
-		// own: not what a range read wants.
 		return nil, reasonScheduler, true, errSchedulerDown
 	}
-	bctx, cancel := context.WithTimeout(ctx, budget)
-	defer cancel()
-	classify := func(err error, dflt string) (string, bool) {
+	// The readers of the segments live on after viaPeer returns, so the
+	// budget cancels their context only while they are being opened.
+	octx, cancel := context.WithCancel(ctx)
+	var late atomic.Bool
+	timer := time.AfterFunc(budget, func() { late.Store(true); cancel() })
+	fail := func(err error, dflt string) (io.ReadCloser, string, bool, error) {
+		timer.Stop()
+		cancel()
 		switch {
 		case authError(err):
-			return reasonAuth, true
+			return nil, reasonAuth, true, err
 		case f.p.schedulerDown():
-			return reasonScheduler, true
-		case bctx.Err() != nil && errors.Is(err, context.DeadlineExceeded):
+			return nil, reasonScheduler, true, err
+		case late.Load():
 			// A budget cut short by the caller's deadline says little
 			// about the peer: this read goes direct, the blob stays.
-			return reasonSlow, !cut
+			return nil, reasonSlow, !cut, err
 		}
-		return dflt, true
+		return nil, dflt, true, err
 	}
-	d, err := f.acquire(bctx)
+	d, err := f.acquire(octx)
 	if err != nil {
-		reason, trip := classify(err, reasonOpen)
-		return nil, reason, trip, err
+		return fail(err, reasonOpen)
 	}
 	if f.p.schedulerDown() { // found out while opening
 		f.release()
-		return nil, reasonScheduler, true, errSchedulerDown
+		return fail(errSchedulerDown, reasonScheduler)
 	}
-	rc, err := d.Fetch(bctx, off, length)
+	rc, err := f.openRange(octx, d, off, length)
+	if err == nil && !timer.Stop() {
+		// The budget ran out as the last segment opened.
+		rc.Close()
+		err = context.DeadlineExceeded
+	}
 	if err != nil {
 		f.release()
-		reason, trip := classify(err, reasonFailed)
-		return nil, reason, trip, err
+		return fail(err, reasonFailed)
 	}
-	return &lazyReader{cur: rc, f: f, ctx: ctx, off: off, left: length}, "", false, nil
+	return &lazyReader{cur: rc, f: f, ctx: ctx, off: off, left: length, cancel: cancel}, "", false, nil
 }
 
 // acquire returns the open download, opening it first if need be, and
@@ -367,6 +387,7 @@ type lazyReader struct {
 	off, left int64           // next byte and bytes still to come
 	switched  bool
 	once      sync.Once
+	cancel    context.CancelFunc // ends the peer path's requests
 }
 
 func (r *lazyReader) Read(b []byte) (int, error) {
@@ -402,6 +423,9 @@ func (r *lazyReader) Read(b []byte) (int, error) {
 
 func (r *lazyReader) Close() error {
 	err := r.cur.Close()
+	if r.cancel != nil {
+		r.cancel()
+	}
 	r.once.Do(r.f.release)
 	return err
 }

@@ -36,6 +36,11 @@ type Peer struct {
 	store *storage.Store
 	sched *schedClient // nil: standalone
 	up    *uploader
+	// flights are this peer's claimed origin range fetches, which its
+	// upload server streams to others; reports queues held ranges for the
+	// scheduler (ranges.go, flight.go).
+	flights flights
+	reports chan rangeReport
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -114,7 +119,7 @@ func New(o Options) (*Peer, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Peer{o: o, id: id, log: o.Logger.With("peer", id), m: m, lazy: lazy, store: store,
-		ctx: ctx, cancel: cancel, tasks: map[string]*task{}}
+		ctx: ctx, cancel: cancel, tasks: map[string]*task{}, reports: make(chan rangeReport, 4096)}
 	if len(o.Schedulers) > 0 {
 		p.sched = newSchedClient(p, o.Schedulers)
 	}
@@ -164,8 +169,13 @@ func (p *Peer) Start(ctx context.Context) error {
 	} else {
 		close(p.announceDone)
 	}
-	p.wg.Add(1)
+	if p.sched != nil {
+		p.wg.Add(1)
+		go func() { defer p.wg.Done(); p.reportLoop(p.ctx) }()
+	}
+	p.wg.Add(2)
 	go func() { defer p.wg.Done(); p.gcLoop(p.ctx) }()
+	go func() { defer p.wg.Done(); p.flushLoop(p.ctx) }()
 	p.resume()
 	return nil
 }

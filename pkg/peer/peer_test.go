@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 
@@ -195,5 +196,91 @@ func TestRestartResumesDownload(t *testing.T) {
 	// What the stalled requests had in flight may come twice, nothing else.
 	if o := cp.BlobBytes(digest); o > int64(len(data))+2<<20 {
 		t.Fatalf("origin served %d bytes for a %d-byte blob held %d bytes before the restart", o, len(data), held)
+	}
+}
+
+// orderSource is an origin that records which pieces are asked, in order.
+type orderSource struct {
+	data  []byte
+	psize int64
+	mu    sync.Mutex
+	order []int
+}
+
+func (s *orderSource) Size(context.Context) (int64, error) { return int64(len(s.data)), nil }
+
+func (s *orderSource) Fetch(_ context.Context, off, length int64) (io.ReadCloser, error) {
+	s.mu.Lock()
+	s.order = append(s.order, int(off/s.psize))
+	s.mu.Unlock()
+	time.Sleep(time.Millisecond)
+	return io.NopCloser(bytes.NewReader(s.data[off : off+length])), nil
+}
+
+func (s *orderSource) asked() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.order...)
+}
+
+// farthest reports how far ahead of its rank in order a piece was asked
+// for: 0 for strictly in order, about the task's length for a shuffle.
+func farthest(order []int) int {
+	d := 0
+	for i, n := range order {
+		d = max(d, n-i)
+	}
+	return d
+}
+
+// A streaming reader (starling get, a whole-blob GET through the proxy)
+// gets the head of the blob first: pieces are fetched from a window just
+// ahead of it, so it writes as the blob arrives. Without a reader a peer
+// spreads its order; a seed goes in order.
+func TestOrderFollowsTheReader(t *testing.T) {
+	const psize, count, conc = 64 << 10, 64, 2
+	data := make([]byte, psize*count)
+	rand.Read(data)
+	digest := sum(data)
+	open := func(seed bool) (*peer.Download, *orderSource) {
+		p := newPeer(t, peer.Options{PieceSize: psize, Concurrency: conc, Seed: seed})
+		src := &orderSource{data: data, psize: psize}
+		d, err := p.Open(context.Background(), peer.Request{TaskID: digest, Digest: digest, Source: src})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+		return d, src
+	}
+	ctx := context.Background()
+
+	d, src := open(false)
+	rc := d.NewReader(ctx, 0, -1)
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil || sum(got) != digest {
+		t.Fatalf("reader: %d bytes, %v", len(got), err)
+	}
+	// The window is 2*Concurrency pieces past the reader's front.
+	if f := farthest(src.asked()); f > 2*conc+conc {
+		t.Errorf("with a reader, a piece was asked %d places early: %v", f, src.asked())
+	}
+
+	d, src = open(false)
+	d.Start()
+	if err := d.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if f := farthest(src.asked()); f < count/4 {
+		t.Errorf("without a reader the order is not spread (at most %d places early): %v", f, src.asked())
+	}
+
+	d, src = open(true)
+	d.Start()
+	if err := d.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if f := farthest(src.asked()); f > conc {
+		t.Errorf("a seed asked a piece %d places early: %v", f, src.asked())
 	}
 }

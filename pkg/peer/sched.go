@@ -156,10 +156,13 @@ func (c *schedClient) announce(ctx context.Context, addr string) error {
 func (c *schedClient) held(addr string) []*schedulerpb.HeldTask {
 	var out []*schedulerpb.HeldTask
 	for _, h := range c.p.store.Holdings() {
-		if len(h.Pieces) == 0 || scheduler.Pick(h.ID, c.addrs) != addr {
+		if (len(h.Pieces) == 0 && len(h.Ranges) == 0) || scheduler.Pick(h.ID, c.addrs) != addr {
 			continue
 		}
 		ht := &schedulerpb.HeldTask{TaskId: h.ID, Length: h.Length, PieceSize: h.PieceSize}
+		for _, r := range h.Ranges {
+			ht.Ranges = append(ht.Ranges, &schedulerpb.ByteRange{Offset: r.Off, Length: r.End - r.Off})
+		}
 		for n, d := range h.Pieces {
 			ht.Pieces = append(ht.Pieces, &schedulerpb.PieceDigest{Number: int32(n), Digest: d})
 		}

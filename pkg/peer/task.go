@@ -29,6 +29,16 @@ const avoidFor = 10 * time.Second
 // fetched from the origin instead.
 const maxParentRounds = 3
 
+// schedOutageGrace is how long after its last answer a task keeps waiting
+// for a scheduler that stopped answering before it goes to the origin: a
+// scheduler restarting mid-transfer is back within a heartbeat or two, and
+// meanwhile every peer sending its next pieces to the origin costs the
+// origin what the peers hold between them.
+const schedOutageGrace = 5 * time.Second
+
+// schedRetry is how often the scheduler is asked again during an outage.
+const schedRetry = 250 * time.Millisecond
+
 // errRetry marks a piece to be scheduled again (its parents failed).
 var errRetry = errors.New("retry")
 
@@ -43,13 +53,19 @@ type task struct {
 	psize  int64
 	count  int
 
-	mu         sync.Mutex
-	refs       int
-	have       []bool
-	urgent     map[int]bool
-	wanted     map[int]bool // wanted in the background, in order
-	all        bool
-	order      []int // background order: a random permutation
+	mu     sync.Mutex
+	refs   int
+	have   []bool
+	urgent map[int]bool
+	wanted map[int]bool // wanted in the background, in order
+	all    bool
+	order  []int // background order: a random permutation
+	// fronts are the next pieces of the streaming readers: the pieces just
+	// ahead of them are fetched first (see pendingLocked).
+	fronts     map[*reader]int
+	seen       []bool      // pendingLocked's scratch
+	schedOK    time.Time   // the scheduler last answered a schedule
+	waits      map[int]int // times in a row the scheduler said to wait
 	inflight   map[int]bool
 	failed     map[int]error
 	waitUntil  map[int]time.Time
@@ -71,12 +87,13 @@ func newTask(p *Peer, r Request, src Source, st *storage.Task) *task {
 		urgent: map[int]bool{}, wanted: map[int]bool{}, inflight: map[int]bool{}, failed: map[int]error{},
 		waitUntil: map[int]time.Time{}, rounds: map[int]int{}, avoid: map[string]time.Time{},
 		bad: map[string]bool{}, parentLoad: map[string]int{}, parentOf: map[int]string{},
-		changed: make(chan struct{}), kick: make(chan struct{}, 1)}
+		fronts: map[*reader]int{}, waits: map[int]int{}, changed: make(chan struct{}), kick: make(chan struct{}, 1)}
 	t.count = piece.Count(t.length, t.psize)
 	// Peers that fetch a task at the same time fetch its pieces in
 	// different orders, so that they soon hold different pieces and can
 	// trade them, instead of all waiting on whoever holds the next one.
 	t.order = rand.Perm(t.count)
+	t.seen = make([]bool, t.count)
 	t.have = make([]bool, t.count)
 	for n := range st.Pieces() {
 		if n >= 0 && n < t.count {
@@ -129,10 +146,51 @@ func (t *task) allHaveLocked() bool {
 	return true
 }
 
+// window is how many pieces ahead of a streaming reader come first.
+func (t *task) window() int { return 2 * t.p.o.Concurrency }
+
+// frontsLocked lists, in order and once each, where the background fetch
+// starts: the streaming readers' next pieces, and for a seed its first
+// missing piece.
+func (t *task) frontsLocked() []int {
+	var fs []int
+	for _, f := range t.fronts {
+		fs = append(fs, f)
+	}
+	if t.p.o.Seed {
+		for n, h := range t.have {
+			if !h {
+				fs = append(fs, n)
+				break
+			}
+		}
+	}
+	sort.Ints(fs)
+	out := fs[:0]
+	for i, f := range fs {
+		if i == 0 || f != fs[i-1] {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
 // pendingLocked lists the pieces to ask for now, most wanted first: what a
-// reader waits for, then (when the whole task is wanted) the rest in order.
+// reader waits for, then the wanted rest. A streaming reader's next window
+// of pieces comes first, in this peer's own random order so that peers
+// reading the same blob fetch different pieces at once and trade them,
+// then the pieces after the window in order: the head of the blob arrives
+// first and the reader writes as it goes. A seed, the one that fetches
+// for everyone from the origin, goes in order from its first missing piece,
+// which is where the others' readers wait. Without a reader (prefetch,
+// resume) the order is random, spread over the task.
 func (t *task) pendingLocked(now time.Time) (pending []int, waiting bool, wake time.Time) {
+	clear(t.seen)
 	consider := func(n int) {
+		if t.seen[n] {
+			return
+		}
+		t.seen[n] = true
 		if t.have[n] || t.inflight[n] || t.failed[n] != nil {
 			return
 		}
@@ -154,8 +212,31 @@ func (t *task) pendingLocked(now time.Time) (pending []int, waiting bool, wake t
 		consider(n)
 	}
 	if t.all || len(t.wanted) > 0 {
+		want := func(n int) bool { return t.all || t.wanted[n] }
+		fronts := t.frontsLocked()
+		w := t.window()
+		if t.p.o.Seed && len(t.fronts) == 0 {
+			w = 0
+		}
+		for _, f := range fronts {
+			if w == 0 {
+				break
+			}
+			for _, n := range t.order {
+				if n >= f && n < f+w && want(n) {
+					consider(n)
+				}
+			}
+		}
+		for _, f := range fronts {
+			for n := f + w; n < t.count; n++ {
+				if want(n) {
+					consider(n)
+				}
+			}
+		}
 		for _, n := range t.order {
-			if !t.urgent[n] && (t.all || t.wanted[n]) {
+			if want(n) {
 				consider(n)
 			}
 		}
@@ -254,22 +335,43 @@ func (t *task) dispatch(batch []int) {
 	c.mu.Lock()
 	up := c.up
 	c.mu.Unlock()
+	t.mu.Lock()
+	// A whole-blob task the scheduler answered a moment ago waits out a
+	// short outage (a restart) instead of sending its pieces to the
+	// origin; lazy reads have their own fallback and must not wait.
+	hold := !t.req.Lazy && !t.schedOK.IsZero() && time.Since(t.schedOK) < schedOutageGrace
+	t.mu.Unlock()
 	var resp *schedulerpb.ScheduleResponse
 	err := errors.New("scheduler marked down")
-	if up {
+	if up || hold {
 		resp, err = t.schedule(batch)
 	}
+	now := time.Now()
 	if err != nil {
 		if up {
 			c.setUp(false, err)
+		}
+		t.mu.Lock()
+		hold = !t.req.Lazy && !t.schedOK.IsZero() && now.Sub(t.schedOK) < schedOutageGrace
+		if hold {
+			for _, n := range batch {
+				delete(t.inflight, n)
+				t.waitUntil[n] = now.Add(schedRetry)
+			}
+		}
+		t.mu.Unlock()
+		if hold {
+			return
 		}
 		for _, n := range batch {
 			t.goOrigin(n, "scheduler_unreachable")
 		}
 		return
 	}
+	t.mu.Lock()
+	t.schedOK = now
+	t.mu.Unlock()
 	got := map[int]bool{}
-	now := time.Now()
 	for _, a := range resp.GetAssignments() {
 		n := int(a.GetPiece())
 		if n < 0 || n >= t.count || got[n] {
@@ -277,9 +379,14 @@ func (t *task) dispatch(batch []int) {
 		}
 		got[n] = true
 		var parents []*schedulerpb.PeerInfo
+		resting := 0
 		t.mu.Lock()
 		for _, par := range a.GetParents() {
-			if par.GetId() == t.p.id || t.bad[par.GetId()] || now.Before(t.avoid[par.GetId()]) {
+			if par.GetId() == t.p.id || t.bad[par.GetId()] {
+				continue
+			}
+			if now.Before(t.avoid[par.GetId()]) {
+				resting++
 				continue
 			}
 			parents = append(parents, par)
@@ -289,6 +396,16 @@ func (t *task) dispatch(batch []int) {
 		switch {
 		case len(parents) > 0 && a.GetDigest() != "" && rounds < maxParentRounds:
 			t.goParents(n, a.GetDigest(), parents)
+		case resting > 0 && rounds < maxParentRounds:
+			// Only parents that failed a moment ago (likely dead: the
+			// scheduler drops them after its peer TTL) hold it, or the
+			// others are busy: ask again shortly rather than have the
+			// origin send it again.
+			t.mu.Lock()
+			delete(t.inflight, n)
+			t.rounds[n]++
+			t.restLocked(n, now)
+			t.mu.Unlock()
 		case len(a.GetParents()) > 0:
 			// Every parent failed or was refused: the origin has it.
 			t.goOrigin(n, "parents_failed")
@@ -297,7 +414,7 @@ func (t *task) dispatch(batch []int) {
 		default:
 			t.mu.Lock()
 			delete(t.inflight, n)
-			t.waitUntil[n] = now.Add(waitBackoff)
+			t.restLocked(n, now)
 			t.mu.Unlock()
 		}
 	}
@@ -305,10 +422,29 @@ func (t *task) dispatch(batch []int) {
 		if !got[n] {
 			t.mu.Lock()
 			delete(t.inflight, n)
-			t.waitUntil[n] = now.Add(waitBackoff)
+			t.restLocked(n, now)
 			t.mu.Unlock()
 		}
 	}
+}
+
+// restLocked rests piece n after the scheduler said to wait for it. Every
+// ask is a call to the scheduler, which all peers of a task share: pieces
+// rest until a common tick, so that one call asks again for all of them,
+// and a piece the reader does not need next rests longer the more often
+// it had to wait (up to 4 times waitBackoff), since it is needed later.
+func (t *task) restLocked(n int, now time.Time) {
+	t.waits[n]++
+	d := waitBackoff
+	if !t.urgent[n] {
+		d *= time.Duration(min(1+t.waits[n]/2, 4))
+	}
+	at := now.Add(d)
+	const tick = waitBackoff / 2
+	if r := at.Truncate(tick); r.Before(at) {
+		at = r.Add(tick)
+	}
+	t.waitUntil[n] = at
 }
 
 func (t *task) schedule(batch []int) (*schedulerpb.ScheduleResponse, error) {
@@ -427,8 +563,13 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 			t.mu.Unlock()
 			continue
 		}
-		sum := sha256.Sum256(data)
-		if hex.EncodeToString(sum[:]) != digest {
+		// The store checks the digest as it writes: hashing here too
+		// would cost a second pass over every piece.
+		err = t.st.WritePiece(n, data, digest)
+		if err != nil && !errors.Is(err, storage.ErrPieceDigest) {
+			return "", fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
+		}
+		if err != nil {
 			failed = true
 			t.p.m.badPieces.Inc()
 			t.p.log.Warn("parent served a bad piece: not asking it again for this task",
@@ -438,9 +579,6 @@ func (t *task) fromParents(n int, digest string, parents []*schedulerpb.PeerInfo
 			t.mu.Unlock()
 			go t.reportBad(id)
 			continue
-		}
-		if err := t.st.WritePiece(n, data, digest); err != nil {
-			return "", fmt.Errorf("store piece %d of task %s: %w", n, t.id, err)
 		}
 		t.p.log.Debug("piece stored", "task", t.id, "piece", n, "from", id, "took", took)
 		t.p.m.pieceBytes.WithLabelValues("parent").Add(float64(len(data)))
@@ -501,6 +639,7 @@ func (t *task) pieceDone(n int, err error, parent string) {
 		delete(t.urgent, n)
 		delete(t.wanted, n)
 		delete(t.waitUntil, n)
+		delete(t.waits, n)
 		if parent != "" {
 			t.parentOf[n] = parent
 		}

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/storage"
 )
 
 // piecePath is where the upload server serves piece N of a task.
@@ -47,6 +48,7 @@ func newUploader(p *Peer, l net.Listener) *uploader {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(piecePath, u.servePiece)
+	mux.HandleFunc(rangePath, u.serveRange)
 	u.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return u
 }
@@ -79,19 +81,11 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "want /pieces/<task>/<n>", http.StatusBadRequest)
 		return
 	}
-	select {
-	case u.slots <- struct{}{}:
-	default:
-		http.Error(w, "upload slots full", http.StatusServiceUnavailable)
+	release, ok := u.slot(w)
+	if !ok {
 		return
 	}
-	u.active.Add(1)
-	u.p.m.uploads.Inc()
-	defer func() {
-		<-u.slots
-		u.active.Add(-1)
-		u.p.m.uploads.Dec()
-	}()
+	defer release()
 	st, ok := u.p.store.Lookup(id)
 	if !ok {
 		http.Error(w, "no such task", http.StatusNotFound)
@@ -113,7 +107,143 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", strconv.FormatInt(l, 10))
 	w.Header().Set("X-Piece-Digest", sum)
-	var src io.Reader = io.LimitReader(f, l)
+	u.send(w, r, io.LimitReader(f, l))
+}
+
+// serveRange answers GET /ranges/<task> with one byte range ("Range:
+// bytes=a-b") the peer holds, in whole pieces or verified ranges.
+func (u *uploader) serveRange(w http.ResponseWriter, r *http.Request) {
+	id, err := url.PathUnescape(strings.TrimPrefix(r.URL.Path, rangePath))
+	if err != nil || id == "" || strings.Contains(id, "/") {
+		http.Error(w, "want /ranges/<task>", http.StatusBadRequest)
+		return
+	}
+	off, n, ok := parseByteRange(r.Header.Get("Range"))
+	if !ok {
+		http.Error(w, "want one Range: bytes=a-b", http.StatusBadRequest)
+		return
+	}
+	release, ok := u.slot(w)
+	if !ok {
+		return
+	}
+	defer release()
+	st, ok := u.p.store.Lookup(id)
+	if !ok {
+		http.Error(w, "no such task", http.StatusNotFound)
+		return
+	}
+	st.Acquire()
+	defer st.Release()
+	if off+n > st.Length() {
+		http.Error(w, "range past the end", http.StatusRequestedRangeNotSatisfiable)
+		return
+	}
+	if !st.Covered(off, n) {
+		if fl := u.p.flights.await(r.Context(), id, off, off+n); fl != nil {
+			u.streamFlight(w, r, st, fl, off, n)
+			return
+		}
+		http.Error(w, "range not held", http.StatusNotFound)
+		return
+	}
+	f, err := st.OpenAt(off)
+	if err != nil {
+		u.p.log.Error("read range for upload", "task", id, "range", fmt.Sprintf("%d+%d", off, n), "err", err)
+		http.Error(w, "read range", http.StatusInternalServerError)
+		return
+	}
+	defer f.Close()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+n-1, st.Length()))
+	w.WriteHeader(http.StatusPartialContent)
+	u.send(w, r, io.LimitReader(f, n))
+}
+
+// streamFlight answers a range this peer is fetching from the origin now,
+// each part as soon as it is written. The bytes are not verified yet: the
+// receiver verifies them against its layer's TOC before anyone reads them,
+// as it does every range. A fetch that fails or stalls cuts the answer
+// short, and the receiver reads the rest from the registry.
+func (u *uploader) streamFlight(w http.ResponseWriter, r *http.Request, st *storage.Task, fl *flight, off, n int64) {
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+n-1, st.Length()))
+	w.WriteHeader(http.StatusPartialContent)
+	flusher, _ := w.(http.Flusher)
+	buf := make([]byte, 64<<10)
+	cur, end := off, off+n
+	corrupted := false
+	for cur < end {
+		pos, ok := fl.wait(r.Context(), cur)
+		if pos <= cur && !ok {
+			return
+		}
+		for stop := min(pos, end); cur < stop; {
+			k := min(int64(len(buf)), stop-cur)
+			if _, err := st.ReadAt(buf[:k], cur); err != nil {
+				return
+			}
+			if u.corrupt && !corrupted {
+				buf[k/2] ^= 0xff
+				corrupted = true
+			}
+			if u.limit != nil {
+				if err := u.limit.WaitN(r.Context(), int(k)); err != nil {
+					return
+				}
+			}
+			if _, err := w.Write(buf[:k]); err != nil {
+				return
+			}
+			u.p.m.uploadBytes.Add(float64(k))
+			cur += k
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+}
+
+// parseByteRange reads a single "bytes=a-b" range.
+func parseByteRange(h string) (off, n int64, ok bool) {
+	spec, found := strings.CutPrefix(h, "bytes=")
+	if !found {
+		return 0, 0, false
+	}
+	a, b, found := strings.Cut(spec, "-")
+	if !found {
+		return 0, 0, false
+	}
+	first, err1 := strconv.ParseInt(a, 10, 64)
+	last, err2 := strconv.ParseInt(b, 10, 64)
+	if err1 != nil || err2 != nil || first < 0 || last < first {
+		return 0, 0, false
+	}
+	return first, last - first + 1, true
+}
+
+// slot takes an upload slot, or answers 503 at once when all are taken
+// (the downloader then asks the next parent).
+func (u *uploader) slot(w http.ResponseWriter) (release func(), ok bool) {
+	select {
+	case u.slots <- struct{}{}:
+	default:
+		http.Error(w, "upload slots full", http.StatusServiceUnavailable)
+		return nil, false
+	}
+	u.active.Add(1)
+	u.p.m.uploads.Inc()
+	return func() {
+		<-u.slots
+		u.active.Add(-1)
+		u.p.m.uploads.Dec()
+	}, true
+}
+
+// send writes an upload's body within the bandwidth limit.
+func (u *uploader) send(w http.ResponseWriter, r *http.Request, src io.Reader) {
 	if u.corrupt {
 		data, err := io.ReadAll(src)
 		if err != nil || len(data) == 0 {

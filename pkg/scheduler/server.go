@@ -247,6 +247,11 @@ func heldOf(h *schedulerpb.HeldTask) (HeldTask, error) {
 		}
 		out.Pieces[int(pd.GetNumber())] = pd.GetDigest()
 	}
+	rs, err := rangesOf(h.GetRanges())
+	if err != nil {
+		return out, fmt.Errorf("held task %s: %w", out.TaskID, err)
+	}
+	out.Ranges = rs
 	return out, nil
 }
 

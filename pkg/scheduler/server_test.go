@@ -34,6 +34,11 @@ type testServer struct {
 // startServer serves a new Scheduler on addr ("127.0.0.1:0" for any port).
 func startServer(t *testing.T, addr string, o Options) *testServer {
 	t.Helper()
+	if o.StartGrace == 0 {
+		// These tests start asking at once; TestStartGraceWaitsForReannounce
+		// covers the grace.
+		o.StartGrace = -1
+	}
 	srv, err := NewServer(New(o), ServerOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)

@@ -55,6 +55,24 @@ type Options struct {
 	SeedStartTTL time.Duration
 	// MaxParents is how many parents are returned per piece.
 	MaxParents int
+	// MaxOriginFetchers bounds the peers other than seeds that hold origin
+	// claims on one whole-blob task at once (0: 2). Every peer of a
+	// cluster that starts a blob at once would otherwise claim the first
+	// pieces it asks for, and the origin link would carry dozens of
+	// streams while the pieces everyone waits for crawl in; the others
+	// wait for the pieces to appear from these few, or from the seed.
+	MaxOriginFetchers int
+	// StartGrace: for this long after the scheduler starts (0: 3 s;
+	// negative: none), no piece of a whole-blob task (registered with a
+	// URL) is handed out for an origin fetch. After a restart the
+	// scheduler knows nothing, and the peers that hold a piece may not
+	// have re-announced it yet: they do on their first heartbeat that gets
+	// through (the peers' reconnect backoff is at most 2 s, their
+	// heartbeat 1 s); the peers that were fetching re-register their
+	// tasks when their next schedule fails. A scheduler that was not
+	// restarted is rarely asked for anything this early. Lazy tasks (no
+	// URL) are not held back: their reads must not wait.
+	StartGrace time.Duration
 	Now        func() time.Time
 }
 
@@ -73,6 +91,8 @@ type HeldTask struct {
 	PieceSize int64
 	// Pieces maps piece numbers to their lowercase hex sha256.
 	Pieces map[int]string
+	// Ranges are byte ranges held outside whole pieces (lazy reads).
+	Ranges []Range
 }
 
 // TaskStatus is how far a task has spread among the live peers.
@@ -105,6 +125,9 @@ type peerState struct {
 	// requester reports the piece, so a fast parent is not held to one
 	// slot per second.
 	offers map[offerKey]time.Time
+	// pruneAt is no later than the first offer lapses: the offers are
+	// walked only then, not on every rank of every piece.
+	pruneAt time.Time
 }
 
 type pieceState struct {
@@ -139,6 +162,8 @@ type taskState struct {
 	seedWork map[string]bool
 	// seedStarted are the seeds that registered or scheduled the task themselves.
 	seedStarted map[string]bool
+	// rng is the byte-range state of lazy readers (ranges.go).
+	rng rangeState
 }
 
 // Scheduler is the in-memory state. It is safe for concurrent use.
@@ -149,6 +174,8 @@ type Scheduler struct {
 	tasks map[string]*taskState
 	// work queues tasks for seed peers to fetch (preheat, seed-triggered downloads).
 	work map[string][]Work
+	// graceEnd is when StartGrace ends.
+	graceEnd time.Time
 }
 
 // New returns an empty Scheduler.
@@ -165,10 +192,17 @@ func New(o Options) *Scheduler {
 	if o.MaxParents <= 0 {
 		o.MaxParents = 4
 	}
+	if o.MaxOriginFetchers <= 0 {
+		o.MaxOriginFetchers = 2
+	}
+	if o.StartGrace == 0 {
+		o.StartGrace = 3 * time.Second
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Scheduler{o: o, peers: map[string]*peerState{}, tasks: map[string]*taskState{}, work: map[string][]Work{}}
+	return &Scheduler{o: o, peers: map[string]*peerState{}, tasks: map[string]*taskState{}, work: map[string][]Work{},
+		graceEnd: o.Now().Add(max(o.StartGrace, 0))}
 }
 
 // Announce records or refreshes a peer (it is also the heartbeat). known
@@ -186,7 +220,7 @@ func (s *Scheduler) announceLocked(p Peer) bool {
 	if known {
 		// Recent offers stay counted: the requests may not have reached
 		// the parent when it measured its load.
-		ps.offers = old.offers
+		ps.offers, ps.pruneAt = old.offers, old.pruneAt
 	}
 	s.peers[p.ID] = ps
 	return known
@@ -208,6 +242,9 @@ func (s *Scheduler) AnnounceFull(p Peer, held []HeldTask) (known bool) {
 		}
 		delete(t.held, p.ID)
 	}
+	for _, t := range s.tasks {
+		t.rng.dropHeld(p.ID)
+	}
 	for _, h := range held {
 		t := s.task(h.TaskID, h.Length, h.PieceSize)
 		if !t.sizeMatches(h.Length, h.PieceSize) {
@@ -216,6 +253,9 @@ func (s *Scheduler) AnnounceFull(p Peer, held []HeldTask) (known bool) {
 		t.members[p.ID] = true
 		for n, d := range h.Pieces {
 			t.addHolder(n, p.ID, d)
+		}
+		for _, r := range h.Ranges {
+			t.rng.hold(p.ID, r, t.length)
 		}
 	}
 	return known
@@ -298,6 +338,7 @@ func (t *taskState) forget(id string) {
 	delete(t.bad, id)
 	delete(t.seedWork, id)
 	delete(t.seedStarted, id)
+	t.rng.forget(id)
 	for _, p := range t.pieces {
 		delete(p.holders, id)
 		delete(p.lapsed, id)
@@ -497,6 +538,7 @@ func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 		t.seedStarted[peerID] = true
 	}
 	out := make([]Assignment, 0, len(pieces))
+	fs := fetchers{s: s, t: t, now: now}
 	for _, n := range pieces {
 		p := t.piece(n)
 		a := Assignment{Piece: n, Digest: p.digest}
@@ -509,7 +551,7 @@ func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 			// would cost the origin what a short wait does not.
 			a.Wait = true
 		default:
-			a.BackToSource = s.claim(t, p, peerID, now)
+			a.BackToSource = s.claim(t, p, peerID, now, &fs)
 			a.Wait = !a.BackToSource
 		}
 		out = append(out, a)
@@ -519,10 +561,12 @@ func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 
 // claim decides who fetches a piece nobody holds from the origin: the
 // peer holding a running claim, else a seed working on the task, else the
-// requester. It reports whether the requester is the one. At most one
-// peer holds a claim, and a claim ends when its holder reports the piece,
-// dies, leaves or lets FetchTTL pass.
-func (s *Scheduler) claim(t *taskState, p *pieceState, requester string, now time.Time) bool {
+// requester, if it is one of the few peers allowed to fetch the task from
+// the origin at once (fs) and the scheduler is not in its start grace. It
+// reports whether the requester is the one. At most one peer holds a
+// claim, and a claim ends when its holder reports the piece, dies, leaves
+// or lets FetchTTL pass.
+func (s *Scheduler) claim(t *taskState, p *pieceState, requester string, now time.Time, fs *fetchers) bool {
 	if p.fetcher != "" {
 		running := now.Before(p.deadline) && !s.stale(p.fetcher)
 		switch {
@@ -541,11 +585,61 @@ func (s *Scheduler) claim(t *taskState, p *pieceState, requester string, now tim
 		}
 		p.fetcher = ""
 	}
-	p.fetcher, p.deadline = s.seedFor(t, p, requester), now.Add(s.o.FetchTTL)
+	if now.Before(s.graceEnd) && t.work.URL != "" {
+		// Just (re)started: whoever holds the piece may not have said so yet.
+		return false
+	}
+	who := s.seedFor(t, p, requester)
+	if who == requester && !s.isSeed(requester) && !fs.room(requester) {
+		return false
+	}
+	p.fetcher, p.deadline = who, now.Add(s.o.FetchTTL)
 	if p.fetcher != requester && !t.seedStarted[p.fetcher] {
 		p.deadline = now.Add(min(s.o.FetchTTL, s.o.SeedStartTTL))
 	}
+	if p.fetcher == requester {
+		fs.add(requester)
+	}
 	return p.fetcher == requester
+}
+
+func (s *Scheduler) isSeed(id string) bool {
+	p, ok := s.peers[id]
+	return ok && p.Seed
+}
+
+// fetchers are the peers other than seeds holding running origin claims on
+// one task, counted once per Schedule call and only when needed.
+type fetchers struct {
+	s   *Scheduler
+	t   *taskState
+	now time.Time
+	set map[string]bool
+}
+
+// room reports whether id may take an origin claim on the task: it already
+// holds one, or fewer than MaxOriginFetchers peers do. Tasks registered
+// without a URL (lazy reads, whose demand reads must not queue behind
+// other nodes) and tasks known only from schedules are not limited.
+func (f *fetchers) room(id string) bool {
+	if f.t.work.URL == "" {
+		return true
+	}
+	if f.set == nil {
+		f.set = map[string]bool{}
+		for _, p := range f.t.pieces {
+			if p.fetcher != "" && f.now.Before(p.deadline) && !f.s.stale(p.fetcher) && !f.s.isSeed(p.fetcher) {
+				f.set[p.fetcher] = true
+			}
+		}
+	}
+	return f.set[id] || len(f.set) < f.s.o.MaxOriginFetchers
+}
+
+func (f *fetchers) add(id string) {
+	if f.set != nil {
+		f.set[id] = true
+	}
 }
 
 // seedFor returns who fetches a piece from the origin: the requester when
@@ -584,11 +678,7 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 			continue
 		}
 		ps := s.peers[id]
-		for k, until := range ps.offers {
-			if now.After(until) {
-				delete(ps.offers, k)
-			}
-		}
+		ps.pruneOffers(now)
 		// Load and offers are two estimates of the same running uploads.
 		c := cand{Peer: ps.Peer, free: ps.Capacity - max(ps.Load, len(ps.offers)), held: t.held[id]}
 		if c.free <= 0 {
@@ -629,7 +719,11 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 			ps.offers = map[offerKey]time.Time{}
 		}
 		k := offerKey{requester: requester, task: t.id, piece: p.n}
-		ps.offers[k] = now.Add(offerTTL)
+		until := now.Add(offerTTL)
+		if len(ps.offers) == 0 || until.Before(ps.pruneAt) {
+			ps.pruneAt = until
+		}
+		ps.offers[k] = until
 		p.offeredBy[requester] = cs[0].ID
 	}
 	out := make([]Peer, len(cs))
@@ -637,6 +731,22 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 		out[i] = c.Peer
 	}
 	return out, busy
+}
+
+// pruneOffers drops the offers that lapsed.
+func (ps *peerState) pruneOffers(now time.Time) {
+	if len(ps.offers) == 0 || !now.After(ps.pruneAt) {
+		return
+	}
+	var next time.Time
+	for k, until := range ps.offers {
+		if now.After(until) {
+			delete(ps.offers, k)
+		} else if next.IsZero() || until.Before(next) {
+			next = until
+		}
+	}
+	ps.pruneAt = next
 }
 
 // Enqueue asks one live seed peer (rendezvous of the task ID over the

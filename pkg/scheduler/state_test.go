@@ -9,7 +9,7 @@ import (
 )
 
 func TestManyRequestersOneOriginFetch(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	const peers = 100
 	for i := 0; i < peers; i++ {
 		s.Announce(Peer{ID: fmt.Sprint("p", i), Capacity: 4})
@@ -37,7 +37,7 @@ func TestManyRequestersOneOriginFetch(t *testing.T) {
 }
 
 func TestSeedFetchesFromOrigin(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
 	s.Announce(Peer{ID: "a", Capacity: 4})
 	if _, ok := s.Enqueue(Work{TaskID: "task"}); !ok {
@@ -58,7 +58,7 @@ func TestSeedFetchesFromOrigin(t *testing.T) {
 
 func TestFetchReassignedWhenFetcherDies(t *testing.T) {
 	now := time.Unix(1000, 0)
-	s := New(Options{PeerTTL: 10 * time.Second, FetchTTL: time.Minute, Now: func() time.Time { return now }})
+	s := New(Options{PeerTTL: 10 * time.Second, FetchTTL: time.Minute, StartGrace: -1, Now: func() time.Time { return now }})
 	s.Announce(Peer{ID: "a", Capacity: 1})
 	s.Announce(Peer{ID: "b", Capacity: 1})
 	if !s.Schedule("a", "t", []int{0})[0].BackToSource {
@@ -75,7 +75,7 @@ func TestFetchReassignedWhenFetcherDies(t *testing.T) {
 }
 
 func TestParentRanking(t *testing.T) {
-	s := New(Options{MaxParents: 3})
+	s := New(Options{MaxParents: 3, StartGrace: -1})
 	s.Announce(Peer{ID: "me", Zone: "z1", Rack: "r1", Capacity: 1})
 	s.Announce(Peer{ID: "busy", Zone: "z1", Rack: "r1", Capacity: 4, Load: 4})
 	s.Announce(Peer{ID: "far", Zone: "z2", Capacity: 4})
@@ -126,8 +126,11 @@ type clock struct{ now time.Time }
 func (c *clock) Now() time.Time      { return c.now }
 func (c *clock) add(d time.Duration) { c.now = c.now.Add(d) }
 func newClock() *clock               { return &clock{now: time.Unix(1000, 0)} }
+
+// ttlOptions are short TTLs on a test clock, without the start grace
+// (TestStartGraceWaitsForReannounce tests it).
 func ttlOptions(c *clock) Options {
-	return Options{PeerTTL: 10 * time.Second, FetchTTL: time.Minute, Now: c.Now}
+	return Options{PeerTTL: 10 * time.Second, FetchTTL: time.Minute, StartGrace: -1, Now: c.Now}
 }
 func answer(a Assignment) string {
 	switch {
@@ -270,7 +273,7 @@ func TestRegisterTask(t *testing.T) {
 }
 
 func TestAnnounceKnownAndFull(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	if s.Announce(Peer{ID: "a", Capacity: 4}) {
 		t.Fatal("a new peer was known")
 	}
@@ -379,7 +382,7 @@ func TestGCPurgesDeadPeersAndTasks(t *testing.T) {
 }
 
 func TestLeaveMovesQueuedWork(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	s.Announce(Peer{ID: "s1", Seed: true, Capacity: 8})
 	s.Announce(Peer{ID: "s2", Seed: true, Capacity: 8})
 	first, _ := s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
@@ -391,7 +394,7 @@ func TestLeaveMovesQueuedWork(t *testing.T) {
 }
 
 func TestBusyHoldersMeanWait(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	s.Announce(Peer{ID: "full", Capacity: 2, Load: 2})
 	s.Announce(Peer{ID: "me", Capacity: 2})
 	s.ReportPiece("full", "t", 0, "d0", 4, 4)
@@ -405,7 +408,7 @@ func TestBusyHoldersMeanWait(t *testing.T) {
 }
 
 func TestOtherPieceSizeIgnored(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	s.Announce(Peer{ID: "a", Capacity: 2})
 	s.Announce(Peer{ID: "b", Capacity: 2})
 	s.Announce(Peer{ID: "me", Capacity: 2})
@@ -482,7 +485,7 @@ func TestOffersCountAgainstFreeSlots(t *testing.T) {
 }
 
 func TestFinishedSeedTaskNotHandedOver(t *testing.T) {
-	s := New(Options{})
+	s := New(Options{StartGrace: -1})
 	s.Announce(Peer{ID: "s1", Seed: true, Capacity: 8})
 	s.Announce(Peer{ID: "s2", Seed: true, Capacity: 8})
 	seed, _ := s.Enqueue(Work{TaskID: "t", URL: "http://origin/t"})
@@ -492,5 +495,164 @@ func TestFinishedSeedTaskNotHandedOver(t *testing.T) {
 	s.Leave(seed)
 	if w := s.TakeWork(other); len(w) != 0 {
 		t.Fatalf("a task the seed had finished was handed over: %+v", w)
+	}
+}
+
+// However many peers start a whole blob at once, only MaxOriginFetchers of
+// them fetch it from the origin; the others wait for its pieces to appear.
+// A fetcher whose claims end (reported, lapsed, dead) makes room.
+func TestOriginFetchersBounded(t *testing.T) {
+	c := newClock()
+	s := New(ttlOptions(c))
+	w := Work{TaskID: "t", URL: "http://origin/t"}
+	for i := range 6 {
+		id := fmt.Sprintf("p%d", i)
+		s.Announce(Peer{ID: id, Capacity: 4})
+		s.RegisterTask(id, w, 64, 1)
+	}
+	fetching := map[string]int{}
+	for i := range 6 {
+		id := fmt.Sprintf("p%d", i)
+		for _, a := range s.Schedule(id, "t", []int{4 * i, 4*i + 1, 4*i + 2, 4*i + 3}) {
+			if a.BackToSource {
+				fetching[id]++
+			} else if !a.Wait {
+				t.Fatalf("%s piece %d: %+v, want origin or wait", id, a.Piece, a)
+			}
+		}
+	}
+	if len(fetching) != 2 || fetching["p0"] != 4 || fetching["p1"] != 4 {
+		t.Fatalf("origin claims by peer %v, want p0 and p1 with 4 each", fetching)
+	}
+	// A fetcher takes more pieces; a waiting peer still does not.
+	if got := sched1(s, "p1", "t", 40); got != "origin" {
+		t.Fatalf("a fetcher's next piece: %s", got)
+	}
+	if got := sched1(s, "p2", "t", 41); got != "wait" {
+		t.Fatalf("a third fetcher: %s", got)
+	}
+	// p0 reports its pieces: its claims are over, and p2 may fetch.
+	s.ReportPieces("p0", "t", 64, 1, map[int]string{0: "d0", 1: "d1", 2: "d2", 3: "d3"})
+	if got := sched1(s, "p2", "t", 41); got != "origin" {
+		t.Fatalf("after a fetcher finished: %s", got)
+	}
+	// p1 dies: once it is stale its claims no longer count.
+	c.add(11 * time.Second)
+	for _, id := range []string{"p0", "p2", "p3"} {
+		s.Announce(Peer{ID: id, Capacity: 4})
+	}
+	if got := sched1(s, "p3", "t", 42); got != "origin" {
+		t.Fatalf("after a fetcher died: %s", got)
+	}
+	// A seed is never held back, nor counted.
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8})
+	if got := sched1(s, "seed", "t", 50); got != "origin" {
+		t.Fatalf("seed: %s", got)
+	}
+	// A task registered without a URL (lazy reads) is not limited.
+	for i := range 4 {
+		id := fmt.Sprintf("p%d", i)
+		s.Announce(Peer{ID: id, Capacity: 4})
+		if got := sched1(s, id, "lazy", i); got != "origin" {
+			t.Fatalf("lazy task, %s: %s", id, got)
+		}
+	}
+}
+
+// For StartGrace after a (re)start nobody is sent to the origin: the
+// peers that hold a piece may not have re-announced it yet. Pieces
+// re-announced meanwhile come from their holders.
+func TestStartGraceWaitsForReannounce(t *testing.T) {
+	c := newClock()
+	o := ttlOptions(c)
+	o.StartGrace = 0 // the default, 3 s
+	s := New(o)
+	s.AnnounceFull(Peer{ID: "a", Capacity: 4}, []HeldTask{{TaskID: "t", Length: 4, PieceSize: 1, Pieces: map[int]string{0: "d0"}}})
+	s.Announce(Peer{ID: "seed", Seed: true, Capacity: 4})
+	s.Announce(Peer{ID: "x", Capacity: 4})
+	s.RegisterTask("seed", Work{TaskID: "t", URL: "http://origin/t"}, 4, 1)
+	s.RegisterTask("x", Work{TaskID: "other", URL: "http://origin/other"}, 4, 1)
+	// A lazy task (no URL) is not held back.
+	if got := sched1(s, "x", "lazy", 0); got != "origin" {
+		t.Fatalf("lazy task: %s", got)
+	}
+	if got := sched1(s, "seed", "t", 1); got != "wait" {
+		t.Fatalf("seed, piece nobody re-announced yet: %s", got)
+	}
+	if got := sched1(s, "seed", "t", 0); got != "parents,a" {
+		t.Fatalf("seed, re-announced piece: %s", got)
+	}
+	if got := sched1(s, "x", "other", 0); got != "wait" {
+		t.Fatalf("another task, nobody announced it: %s", got)
+	}
+	// b re-announces piece 1 within the grace: nobody fetches it again.
+	c.add(time.Second)
+	s.AnnounceFull(Peer{ID: "b", Capacity: 4}, []HeldTask{{TaskID: "t", Length: 4, PieceSize: 1, Pieces: map[int]string{1: "d1"}}})
+	if got := sched1(s, "seed", "t", 1); got != "parents,b" {
+		t.Fatalf("seed, piece b re-announced: %s", got)
+	}
+	c.add(2 * time.Second)
+	if got := sched1(s, "seed", "t", 2); got != "origin" {
+		t.Fatalf("after the grace: %s", got)
+	}
+	if got := sched1(s, "seed", "other", 0); got != "origin" {
+		t.Fatalf("another task after the grace: %s", got)
+	}
+}
+
+// BenchmarkWholeTask is the scheduler's work for one 128-piece task that a
+// seed and 8 peers fetch: every peer asks for its next pieces (8 at a
+// time, waits included) and reports each piece it gets, until all hold
+// everything. go test -bench WholeTask -cpuprofile shows where it goes.
+func BenchmarkWholeTask(b *testing.B) {
+	const pieces, peers = 128, 8
+	digest := fmt.Sprintf("%064x", 1)
+	for range b.N {
+		c := newClock()
+		s := New(ttlOptions(c))
+		s.Announce(Peer{ID: "seed", Seed: true, Capacity: 8, IP: "10.0.0.1", UploadPort: 1})
+		w := Work{TaskID: "t", URL: "http://origin/t"}
+		ids := []string{"seed"}
+		for i := range peers {
+			id := fmt.Sprintf("p%d", i)
+			ids = append(ids, id)
+			s.Announce(Peer{ID: id, Capacity: 8, IP: "10.0.0.2", UploadPort: 1})
+			s.RegisterTask(id, w, pieces, 1)
+		}
+		s.RegisterTask("seed", w, pieces, 1)
+		have := map[string]int{} // next piece each peer lacks (in order)
+		for done := 0; done < len(ids); {
+			done = 0
+			c.add(10 * time.Millisecond)
+			for _, id := range ids {
+				next := have[id]
+				if next >= pieces {
+					done++
+					continue
+				}
+				ask := make([]int, 0, 8)
+				for n := next; n < min(next+8, pieces); n++ {
+					ask = append(ask, n)
+				}
+				got := map[int]string{}
+				for _, a := range s.Schedule(id, "t", ask) {
+					if a.BackToSource || len(a.Parents) > 0 {
+						got[a.Piece] = digest
+					}
+				}
+				// Pieces arrive in order here: report the run from next.
+				k := next
+				for ; got[k] != ""; k++ {
+				}
+				if k > next {
+					rep := map[int]string{}
+					for n := next; n < k; n++ {
+						rep[n] = digest
+					}
+					s.ReportPieces(id, "t", pieces, 1, rep)
+					have[id] = k
+				}
+			}
+		}
 	}
 }

@@ -22,6 +22,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/starling-dev/starling/pkg/byterange"
 	"github.com/starling-dev/starling/pkg/piece"
 )
 
@@ -54,6 +55,17 @@ type meta struct {
 	Pieces    map[int]string `json:"pieces"`
 	Done      bool           `json:"done"`
 	LastUse   time.Time      `json:"last_use"`
+	// Ranges are bytes held outside whole pieces (lazy reads, ranges.go).
+	Ranges byterange.Set `json:"ranges,omitempty"`
+}
+
+// held is how many bytes of the task are on disk: a lazily read task is
+// sparse, and its length would overstate what it costs the quota.
+func (m *meta) held() int64 {
+	if m.Done {
+		return m.Length
+	}
+	return min(m.Length, int64(len(m.Pieces))*m.PieceSize+m.Ranges.Bytes())
 }
 
 // Store holds tasks under a directory. It is safe for concurrent use.
@@ -91,8 +103,19 @@ func Open(dir string, o Options) (*Store, error) {
 	return &Store{dir: dir, o: o, db: db, tasks: map[string]*Task{}}, nil
 }
 
-// Close closes the metadata database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close writes range marks not yet saved and closes the metadata database.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	tasks := make([]*Task, 0, len(s.tasks))
+	for _, t := range s.tasks {
+		tasks = append(tasks, t)
+	}
+	s.mu.Unlock()
+	for _, t := range tasks {
+		_ = t.FlushRanges(true)
+	}
+	return s.db.Close()
+}
 
 func (s *Store) path(id string) string {
 	sum := sha256.Sum256([]byte(id))
@@ -108,6 +131,9 @@ type Task struct {
 	m    meta
 	f    *os.File
 	refs int
+	// rangesSaved and rangesDirty batch the persistence of MarkRange.
+	rangesSaved time.Time
+	rangesDirty bool
 }
 
 // Task opens the task id, creating it with length, piece size and expected
@@ -202,6 +228,8 @@ type Held struct {
 	PieceSize int64
 	// Pieces maps piece numbers to their hex sha256.
 	Pieces map[int]string
+	// Ranges are bytes held outside whole pieces.
+	Ranges byterange.Set
 }
 
 // Holdings lists every stored task with its pieces, without opening the
@@ -212,7 +240,7 @@ func (s *Store) Holdings() []Held {
 		return tx.Bucket(bucketTasks).ForEach(func(k, v []byte) error {
 			var m meta
 			if json.Unmarshal(v, &m) == nil {
-				out = append(out, Held{ID: string(k), Length: m.Length, PieceSize: m.PieceSize, Pieces: m.Pieces})
+				out = append(out, Held{ID: string(k), Length: m.Length, PieceSize: m.PieceSize, Pieces: m.Pieces, Ranges: m.Ranges})
 			}
 			return nil
 		})
@@ -266,11 +294,15 @@ func (t *Task) Acquire() {
 	t.mu.Unlock()
 }
 
-// Release undoes one Acquire.
+// Release undoes one Acquire; the last one writes ranges not yet saved.
 func (t *Task) Release() {
 	t.mu.Lock()
 	t.refs--
+	last := t.refs == 0
 	t.mu.Unlock()
+	if last {
+		_ = t.FlushRanges(true)
+	}
 }
 
 // Pieces returns the digests of the pieces held, by number.
@@ -457,8 +489,8 @@ func (s *Store) GC(now time.Time) []string {
 		return tx.Bucket(bucketTasks).ForEach(func(k, v []byte) error {
 			var m meta
 			if json.Unmarshal(v, &m) == nil {
-				ents = append(ents, ent{string(k), m.Length, m.LastUse})
-				total += m.Length
+				ents = append(ents, ent{string(k), m.held(), m.LastUse})
+				total += m.held()
 			}
 			return nil
 		})

@@ -77,8 +77,15 @@ func TestGCByAgeAndQuota(t *testing.T) {
 	var ids []string
 	for i := 0; i < 5; i++ {
 		id := fmt.Sprintf("task%d", i)
-		if _, err := s.Task(id, 20, 4, ""); err != nil {
+		tk, err := s.Task(id, 20, 4, "")
+		if err != nil {
 			t.Fatal(err)
+		}
+		// The quota counts bytes held, not lengths: fill the task.
+		for n := 0; n < 5; n++ {
+			if err := tk.WritePiece(n, []byte("abcd"), sum([]byte("abcd"))); err != nil {
+				t.Fatal(err)
+			}
 		}
 		ids = append(ids, id)
 		time.Sleep(5 * time.Millisecond)
@@ -118,5 +125,44 @@ func TestHoldings(t *testing.T) {
 	h := s.Holdings()
 	if len(h) != 1 || h[0].ID != "abc" || h[0].Length != 10 || h[0].PieceSize != 4 || h[0].Pieces[0] != hex.EncodeToString(sum[:]) || len(h[0].Pieces) != 1 {
 		t.Fatalf("holdings: %+v", h)
+	}
+}
+
+func TestSparseTaskCountsBytesHeld(t *testing.T) {
+	s, _ := Open(t.TempDir(), Options{Quota: 100, HighWatermark: 0.9, LowWatermark: 0.5})
+	defer s.Close()
+	tk, err := s.Task("sparse", 1000, 100, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.WriteRange([]byte("0123456789"), 500); err != nil {
+		t.Fatal(err)
+	}
+	if tk.Covered(500, 10) {
+		t.Fatal("a range written but not marked counts as held")
+	}
+	if err := tk.MarkRange(500, 10); err != nil {
+		t.Fatal(err)
+	}
+	if !tk.Covered(502, 8) || tk.Covered(495, 10) || tk.Covered(505, 10) {
+		t.Fatal("Covered disagrees with the marked range")
+	}
+	if err := tk.MarkRange(990, 20); err == nil {
+		t.Fatal("a range past the end was marked")
+	}
+	// 10 of 1000 bytes held: under the quota's high watermark.
+	if removed := s.GC(time.Now()); len(removed) != 0 {
+		t.Fatalf("a sparse task was collected by its length: %v", removed)
+	}
+	// Marks are written by FlushRanges (and the last Release, and Close).
+	if hs := s.Holdings(); len(hs) != 1 || len(hs[0].Ranges) != 0 {
+		t.Fatalf("a mark was written before FlushRanges: %+v", hs)
+	}
+	if err := tk.FlushRanges(true); err != nil {
+		t.Fatal(err)
+	}
+	hs := s.Holdings()
+	if len(hs) != 1 || !hs[0].Ranges.Covers(500, 510) {
+		t.Fatalf("holdings %+v", hs)
 	}
 }
