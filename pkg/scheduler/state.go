@@ -585,8 +585,12 @@ func (s *Scheduler) claim(t *taskState, p *pieceState, requester string, now tim
 		}
 		p.fetcher = ""
 	}
-	if now.Before(s.graceEnd) && t.work.URL != "" {
-		// Just (re)started: whoever holds the piece may not have said so yet.
+	if now.Before(s.graceEnd) {
+		// Just (re)started: whoever holds the piece may not have said so
+		// yet. Also for a task this scheduler has no registration of: a
+		// peer that did not notice the restart asks for it without
+		// registering it again. (Lazy reads do not claim pieces: their
+		// ranges are claimed in ranges.go, without a grace.)
 		return false
 	}
 	who := s.seedFor(t, p, requester)
