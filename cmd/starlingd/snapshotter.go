@@ -91,8 +91,18 @@ func startSnapshotter(ctx context.Context, cfg config.Daemon, d *daemon) (func(c
 		}
 	}()
 	slog.Info("snapshotter serving", "address", addr, "root", cfg.Root)
-	return func(context.Context) error {
-		srv.GracefulStop()
+	return func(ctx context.Context) error {
+		// containerd may hold a call open (a prepare waiting on a mount, a
+		// cleanup): past ctx the server stops without waiting for it.
+		stopped := make(chan struct{})
+		go func() { srv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			slog.Warn("snapshotter calls still running at shutdown: stopping them")
+			srv.Stop()
+			<-stopped
+		}
 		err := closeAll()
 		_ = os.Remove(addr)
 		return err
