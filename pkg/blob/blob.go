@@ -154,6 +154,15 @@ type Confirmer interface {
 	Verified(off, length int64)
 }
 
+// Confirm tells f, if it is (or wraps) a Confirmer, that [off, off+n)
+// was verified: the layer's footer and TOC, say, once the TOC matched its
+// digest.
+func Confirm(f Fetcher, off, n int64) {
+	if c, ok := fetcherAs[Confirmer](f); ok {
+		c.Verified(off, n)
+	}
+}
+
 // ErrVerify is returned when a chunk does not match its digest.
 var ErrVerify = errors.New("chunk does not match its digest")
 

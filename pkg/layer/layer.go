@@ -265,6 +265,18 @@ func (m *Manager) Resolve(ctx context.Context, repo name.Repository, desc v1.Des
 	}
 	m.o.Logger.Debug("resolving layer", "layer", desc.Digest, "size", size)
 	ix, err := load(fetchFunc(br.FetchRange))
+	if err == nil {
+		// The tail read at resolve (footer, TOC, and the end of the last
+		// chunks' streams) is what every other node's resolve reads too:
+		// with the TOC matching its digest, the P2P peer may offer it.
+		// Whoever uses the chunk bytes in it verifies them as chunks.
+		tail := min(size, m.o.FS.TailFetchSize)
+		blob.Confirm(counted, size-tail, tail)
+		if ix.TOCOffset < size-tail {
+			// A TOC longer than the tail was read apart.
+			blob.Confirm(counted, ix.TOCOffset, size-tail-ix.TOCOffset)
+		}
+	}
 	if err != nil && !errors.Is(err, toc.ErrLossy) && ctx.Err() == nil {
 		// Through the P2P peer the footer and TOC may come from another
 		// node, corrupted on the way or by it: the registry decides.
