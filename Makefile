@@ -9,7 +9,8 @@ CMDS      := starling starlingd starling-scheduler
 # Packages whose state is shared between goroutines; they run again under -race.
 RACE_PKGS ?= $(shell $(GO) list ./pkg/... ./cmd/... 2>/dev/null)
 # Fuzz targets (package:target); make test runs each for FUZZ_SHORT, make fuzz for FUZZTIME.
-FUZZ_TARGETS ?= ./pkg/toc:FuzzBuild ./pkg/toc:FuzzLoad ./pkg/toc:FuzzEntries
+FUZZ_TARGETS ?= ./pkg/toc:FuzzBuild ./pkg/toc:FuzzLoad ./pkg/toc:FuzzEntries \
+	./pkg/scheduler:FuzzSchedulerAPI ./pkg/piece:FuzzPieceProtocol ./pkg/proxy:FuzzProxyRequest ./pkg/proxy:FuzzParseRange
 FUZZ_SHORT ?= 10s
 FUZZTIME ?= 5m
 TEST_TIMEOUT ?= 75m

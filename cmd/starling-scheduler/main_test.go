@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +23,7 @@ import (
 func TestSchedulerConfig(t *testing.T) {
 	dir := t.TempDir()
 	c, err := config.LoadScheduler(filepath.Join(dir, "missing.toml"), false)
-	if err != nil || c != config.DefaultScheduler() || c.Validate() != nil {
+	if err != nil || !reflect.DeepEqual(c, config.DefaultScheduler()) || c.Validate() != nil {
 		t.Fatalf("no file: %+v %v", c, err)
 	}
 	if _, err := config.LoadScheduler(filepath.Join(dir, "missing.toml"), true); err == nil {
@@ -35,7 +36,7 @@ func TestSchedulerConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Listen != "127.0.0.1:9002" || c.PeerTTL != 5*time.Second || c.FetchTTL != 2*time.Minute || c.MaxParents != 8 ||
-		c.HTTPListen != ":8080" || c.GCInterval != 30*time.Second {
+		c.HTTPListen != "127.0.0.1:8080" || c.GCInterval != 30*time.Second {
 		t.Fatalf("loaded %+v", c)
 	}
 	os.WriteFile(p, []byte("peer_tll = \"5s\"\n"), 0o644)

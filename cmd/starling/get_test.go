@@ -343,7 +343,7 @@ func TestGetThroughProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
-	x, err := proxy.New(proxy.Options{Transport: tlsOrigin.Client().Transport}, p)
+	x, err := proxy.New(proxy.Options{Transport: tlsOrigin.Client().Transport, Allowed: []string{"127.0.0.1:*"}}, p)
 	if err != nil {
 		t.Fatal(err)
 	}

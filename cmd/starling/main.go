@@ -24,6 +24,8 @@ type globals struct {
 	plainHTTP  bool
 	output     string
 	logLevel   string
+	// The cluster identity for the schedulers (over the configuration's [cluster]).
+	clusterCA, clusterCert, clusterKey string
 }
 
 var g globals
@@ -56,6 +58,9 @@ func main() {
 	pf.BoolVar(&g.plainHTTP, "plain-http", false, "reach every registry over plain HTTP")
 	pf.StringVarP(&g.output, "output", "o", "text", "output format: text or json")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	pf.StringVar(&g.clusterCA, "cluster-ca", "", "cluster CA certificate for talking to the schedulers (default: the configuration's cluster.ca)")
+	pf.StringVar(&g.clusterCert, "cluster-cert", "", "cluster certificate of this client (default: the configuration's cluster.cert)")
+	pf.StringVar(&g.clusterKey, "cluster-key", "", "key of --cluster-cert (default: the configuration's cluster.key)")
 	for _, mk := range subcommands {
 		root.AddCommand(mk())
 	}

@@ -43,12 +43,11 @@ type preheatOutput struct {
 }
 
 type preheatOptions struct {
-	platforms    []string
-	schedulers   []string
-	headers      []string
-	timeout      time.Duration
-	noWait       bool
-	registryAuth bool
+	platforms  []string
+	schedulers []string
+	headers    []string
+	timeout    time.Duration
+	noWait     bool
 }
 
 func newPreheatCmd() *cobra.Command {
@@ -63,14 +62,13 @@ showing the progress per blob. A blob's scheduler is picked by rendezvous
 hashing over --scheduler (default: the configuration's peer.schedulers), as
 peers do.
 
-The seeds fetch from the registry itself, with the headers given by -H. When
-no Authorization header is given, preheat obtains one from the registry with
-the local credentials (~/.docker/config.json), as a pull would, and passes it
-on: the seed needs it for private images and for Docker Hub's anonymous
-tokens. --registry-auth=false turns that off.`,
+The seeds fetch from the registry themselves, with their own node's
+credentials: no registry credential leaves this machine (only an Accept
+header given with -H is passed on). The local credentials
+(~/.docker/config.json) are used to read the image's manifests here.`,
 		Example: `  starling preheat registry.example.com/app:1.4
   starling preheat --platform linux/arm64 --scheduler sched1:8002,sched2:8002 docker.io/library/python:3.12
-  starling preheat --no-wait -H "Authorization: Bearer $TOKEN" registry.example.com/private/app:1.4
+  starling preheat --no-wait registry.example.com/private/app:1.4
   starling preheat --output json app:1.4 > preheat.json`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -83,7 +81,6 @@ tokens. --registry-auth=false turns that off.`,
 	f.StringArrayVarP(&o.headers, "header", "H", nil, `header the seeds send to the registry, "Key: Value" (repeatable)`)
 	f.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up when the seeds have not fetched everything by then")
 	f.BoolVar(&o.noWait, "no-wait", false, "return once the work is queued, without waiting for the seeds")
-	f.BoolVar(&o.registryAuth, "registry-auth", true, "without -H Authorization, get a registry token with the local credentials and pass it to the seeds")
 	return cmd
 }
 
@@ -109,6 +106,10 @@ func runPreheat(cmd *cobra.Command, image string, o preheatOptions) (err error) 
 	if len(scheds) == 0 {
 		return fmt.Errorf("preheat %s: no scheduler: give --scheduler HOST:PORT or set peer.schedulers in %s", image, g.configPath)
 	}
+	clientTLS, err := clusterClientTLS(cmd)
+	if err != nil {
+		return fmt.Errorf("preheat %s: %w", image, err)
+	}
 	hdr, err := parseHeaders(o.headers)
 	if err != nil {
 		return err
@@ -132,20 +133,14 @@ func runPreheat(cmd *cobra.Command, image string, o preheatOptions) (err error) 
 	if err != nil {
 		return err
 	}
-	if o.registryAuth && hdr.Get("Authorization") == "" {
-		a, err := c.Authorization(ctx, ref.Context())
-		if err != nil {
-			return fmt.Errorf("preheat %s: %w", image, err)
-		}
-		if a != "" {
-			hdr.Set("Authorization", a)
-		}
+	if hdr.Get("Authorization") != "" {
+		slog.Warn("preheat: the Authorization header is not passed to the seeds: they fetch with their own node's credentials")
 	}
 	plan, err := preheat.NewPlan(ctx, c, ref, platforms, hdr)
 	if err != nil {
 		return fmt.Errorf("preheat %s: %w", image, timedOut(ctx, o.timeout, err))
 	}
-	job, err := preheat.NewJob(plan, preheat.Options{Schedulers: scheds, Logger: slog.Default()})
+	job, err := preheat.NewJob(plan, preheat.Options{Schedulers: scheds, Logger: slog.Default(), TLS: clientTLS})
 	if err != nil {
 		return fmt.Errorf("preheat %s: %w", image, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"github.com/starling-dev/starling/pkg/registry"
 	"github.com/starling-dev/starling/pkg/scheduler"
 	"github.com/starling-dev/starling/pkg/storage"
+	"github.com/starling-dev/starling/pkg/taskid"
 )
 
 // pushIndex pushes an index of two random images (of no platform) and
@@ -183,7 +185,9 @@ func TestPreheatEndToEnd(t *testing.T) {
 	}
 	defer st.Close()
 	for d := range all {
-		task, ok := st.Lookup(d)
+		// A registry blob's task names its registry as well as its digest.
+		id, _ := taskid.ForRegistryBlob(&url.URL{Scheme: "http", Host: reg.Addr, Path: "/v2/x/blobs/" + d})
+		task, ok := st.Lookup(id)
 		if !ok || !task.Done() {
 			t.Errorf("the seed does not hold %s whole (stored: %v)", d, ok)
 		}

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -20,9 +19,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/starling-dev/starling/internal/version"
+	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/config"
 	"github.com/starling-dev/starling/pkg/originq"
 	"github.com/starling-dev/starling/pkg/peer"
+	"github.com/starling-dev/starling/pkg/serve"
 )
 
 // component is a part of the daemon started from the configuration; its
@@ -48,6 +49,8 @@ type daemon struct {
 	// lazy reads, prefetch, background fetch and the peer's origin
 	// fetches ([origin] max_requests_per_host; nil when 0).
 	gate *originq.Gate
+	// cluster is the node's cluster identity (nil: plaintext).
+	cluster *cluster.Cluster
 }
 
 func main() {
@@ -101,6 +104,10 @@ func newCommand(run func(context.Context, config.Daemon) error) *cobra.Command {
 			set("snapshotter", func() { fileCfg.Snapshotter.Enable = snapshotter })
 			set("peer", func() { fileCfg.Peer.Enable = peerOn })
 			set("scheduler", func() { fileCfg.Peer.Schedulers = splitList(schedulers) })
+			set("cluster-ca", func() { fileCfg.Cluster.CA = cfg.Cluster.CA })
+			set("cluster-cert", func() { fileCfg.Cluster.Cert = cfg.Cluster.Cert })
+			set("cluster-key", func() { fileCfg.Cluster.Key = cfg.Cluster.Key })
+			set("insecure", func() { fileCfg.Cluster.Insecure = cfg.Cluster.Insecure })
 			return run(cmd.Context(), fileCfg)
 		},
 	}
@@ -119,6 +126,10 @@ func newCommand(run func(context.Context, config.Daemon) error) *cobra.Command {
 	f.StringVar(&cfg.Proxy.Listen, "proxy-listen", d.Proxy.Listen, "HTTP proxy and registry mirror address")
 	f.BoolVar(&snapshotter, "snapshotter", d.Snapshotter.Enable, "serve the containerd snapshots API")
 	f.BoolVar(&peerOn, "peer", d.Peer.Enable, "run the P2P peer (upload server and proxy)")
+	f.StringVar(&cfg.Cluster.CA, "cluster-ca", "", "cluster CA certificate: peers and schedulers talk mutual TLS (empty: plaintext)")
+	f.StringVar(&cfg.Cluster.Cert, "cluster-cert", "", "this node's cluster certificate (starling cluster issue)")
+	f.StringVar(&cfg.Cluster.Key, "cluster-key", "", "key of --cluster-cert")
+	f.BoolVar(&cfg.Cluster.Insecure, "insecure", false, "allow plaintext on an upload listener beyond loopback")
 	return cmd
 }
 
@@ -145,6 +156,9 @@ func run(ctx context.Context, cfg config.Daemon) error {
 		"snapshotter", cfg.Snapshotter.Enable, "peer", cfg.Peer.Enable, "role", cfg.Peer.Role)
 
 	d := &daemon{health: http.NewServeMux(), metrics: prometheus.NewRegistry()}
+	if err := startCluster(cfg, d); err != nil {
+		return err
+	}
 	d.gate = originq.New(cfg.Origin.MaxRequestsPerHost, originq.WithRegisterer(d.metrics))
 	ok := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("OK")) }
 	d.health.HandleFunc("/healthy", ok)
@@ -201,14 +215,31 @@ func run(ctx context.Context, cfg config.Daemon) error {
 	return nil
 }
 
+// startCluster loads the node's cluster identity (nil: plaintext, which
+// the peer checks against its upload listener when it starts).
+func startCluster(cfg config.Daemon, d *daemon) error {
+	c, err := cluster.Load(cfg.Cluster)
+	if err != nil {
+		return err
+	}
+	if c.Enabled() {
+		d.cluster = c
+		id := c.Identity()
+		slog.Info("cluster TLS on", "name", id.Name, "roles", id.Roles, "ca", cfg.Cluster.CA)
+	}
+	return nil
+}
+
 // serveHTTP serves h on addr until the returned stop is called; stop
 // returns once the server's goroutine has ended.
 func serveHTTP(name, addr string, h http.Handler) (stop func(context.Context) error, err error) {
-	l, err := net.Listen("tcp", addr)
+	// Bounded connections and header/idle timeouts: a client holding
+	// connections open cannot starve the others (pkg/serve).
+	l, err := serve.Listen(addr, serve.DefaultLimits)
 	if err != nil {
 		return nil, fmt.Errorf("%s listen %s: %w", name, addr, err)
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	srv := serve.HTTPServer(h)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -30,6 +30,9 @@ type CountingProxy struct {
 	byBlob map[string]int64
 	gets   map[string][]string // blob -> Range header of each GET ("" for none)
 	hang   chan struct{}
+	// auths: client IP -> Authorization value -> requests carrying it; kept
+	// across Reset, so that a test sees every credential that ever arrived.
+	auths map[string]map[string]int
 }
 
 // StartCountingProxy proxies to upstream (host:port) from a loopback port.
@@ -46,7 +49,8 @@ func StartCountingProxy(t testing.TB, upstream string) *CountingProxy {
 // inside a network namespace).
 func ServeCountingProxy(t testing.TB, l net.Listener, upstream string) *CountingProxy {
 	t.Helper()
-	p := &CountingProxy{Addr: l.Addr().String(), byBlob: map[string]int64{}, gets: map[string][]string{}, hang: make(chan struct{})}
+	p := &CountingProxy{Addr: l.Addr().String(), byBlob: map[string]int64{}, gets: map[string][]string{}, hang: make(chan struct{}),
+		auths: map[string]map[string]int{}}
 	u, _ := url.Parse("http://" + upstream)
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.ModifyResponse = func(resp *http.Response) error {
@@ -60,6 +64,15 @@ func ServeCountingProxy(t testing.TB, l net.Listener, upstream string) *Counting
 	rp.ErrorLog = log.New(io.Discard, "", 0)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.requests.Add(1)
+		if a := r.Header.Get("Authorization"); a != "" {
+			host, _, _ := net.SplitHostPort(r.RemoteAddr)
+			p.mu.Lock()
+			if p.auths[host] == nil {
+				p.auths[host] = map[string]int{}
+			}
+			p.auths[host][a]++
+			p.mu.Unlock()
+		}
 		if i := strings.Index(r.URL.Path, "/blobs/"); i >= 0 && r.Method == http.MethodGet {
 			p.mu.Lock()
 			blob := r.URL.Path[i+len("/blobs/"):]
@@ -126,6 +139,22 @@ func (p *CountingProxy) BlobGets(digest string) []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return append([]string(nil), p.gets[digest]...)
+}
+
+// Authorizations is, per client IP, every Authorization header value the
+// registry received from it and how many requests carried it, since the
+// proxy started (Reset leaves it).
+func (p *CountingProxy) Authorizations() map[string]map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[string]map[string]int, len(p.auths))
+	for ip, m := range p.auths {
+		out[ip] = make(map[string]int, len(m))
+		for a, n := range m {
+			out[ip][a] = n
+		}
+	}
+	return out
 }
 
 // Reset zeroes the counters.

@@ -18,7 +18,10 @@ import (
 func StartScheduler(t testing.TB) (string, *scheduler.Server) {
 	t.Helper()
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}), scheduler.ServerOptions{Logger: quiet})
+	// Test registries are on loopback, which only an entry naming the host
+	// admits to a preheat.
+	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}),
+		scheduler.ServerOptions{Logger: quiet, PreheatAllowed: []string{"127.0.0.1:*"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,6 +37,7 @@ type Daemon struct {
 	Proxy       Proxy           `toml:"proxy"`
 	Storage     Storage         `toml:"storage"`
 	Origin      Origin          `toml:"origin"`
+	Cluster     Cluster         `toml:"cluster"`
 }
 
 // Default returns the configuration used when no file is given.
@@ -44,8 +45,8 @@ func Default() Daemon {
 	return Daemon{
 		Root:          "/var/lib/starling",
 		LogLevel:      "info",
-		MetricsListen: ":4002",
-		HealthListen:  ":4003",
+		MetricsListen: "127.0.0.1:4002",
+		HealthListen:  "127.0.0.1:4003",
 		Resolver:      registry.DefaultConfig(),
 		Snapshotter:   DefaultSnapshotter(),
 		FS:            DefaultFS(),

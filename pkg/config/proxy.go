@@ -23,6 +23,21 @@ type Proxy struct {
 	// URL that is not a registry blob (signatures, expiry); a trailing *
 	// matches a prefix.
 	QueryFilters []string `toml:"query_filters"`
+	// AllowedRegistries are the upstreams the proxy and the peer's origin
+	// fetches may reach besides the registries of the [resolver] section
+	// and DefaultRegistry, which are always allowed: "host", "host:port",
+	// "host:*" (any port), "*.domain" (any subdomain). A host without a
+	// port is reached on 80 and 443 only. Loopback, link-local and cloud
+	// metadata addresses are refused unless an entry names the host
+	// exactly (no wildcard).
+	AllowedRegistries []string `toml:"allowed_registries"`
+	// Connect is what CONNECT may do: "off" (refused) or "allowed" (a
+	// tunnel to an allowed host on port 443 only).
+	Connect string `toml:"connect"`
+	// HostsDir is containerd's registry hosts directory (its config_path):
+	// the registries it names (one directory each, as `starling setup
+	// containerd --mirror` writes them) are allowed too. Empty: none.
+	HostsDir string `toml:"hosts_dir"`
 }
 
 // DefaultProxy is the proxy section's defaults.
@@ -35,5 +50,9 @@ func DefaultProxy() Proxy {
 		DefaultRegistry: "https://registry-1.docker.io",
 		Prefetch:        false,
 		QueryFilters:    append([]string(nil), taskid.DefaultFilters...),
+		// A tunnel is opaque: no P2P, no check of what passes. containerd
+		// (hosts.toml) and starling get never need one.
+		Connect:  "off",
+		HostsDir: "/etc/containerd/certs.d",
 	}
 }

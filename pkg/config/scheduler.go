@@ -44,16 +44,20 @@ type Scheduler struct {
 	// fetch of a whole blob is handed out, so that peers re-announce what
 	// they hold first and a restart does not refetch it ("-1s": off).
 	StartGrace time.Duration `toml:"start_grace"`
+	// Preheat bounds what POST /api/v1/preheat may start.
+	Preheat SchedulerPreheat `toml:"preheat"`
 	// GCInterval is how often dead peers and abandoned tasks are purged
 	// from memory.
 	GCInterval time.Duration `toml:"gc_interval"`
+	// Cluster is the scheduler's cluster identity (mutual TLS).
+	Cluster Cluster `toml:"cluster"`
 }
 
 // DefaultScheduler returns the configuration used when no file is given.
 func DefaultScheduler() Scheduler {
 	return Scheduler{
 		Listen:     ":8002",
-		HTTPListen: ":8080",
+		HTTPListen: "127.0.0.1:8080",
 		LogLevel:   "info",
 		PeerTTL:    10 * time.Second,
 		FetchTTL:   60 * time.Second,
@@ -97,8 +101,19 @@ func (c Scheduler) Validate() error {
 	if c.MaxOriginFetchers <= 0 {
 		errs = append(errs, fmt.Errorf("max_origin_fetchers: %d is not positive", c.MaxOriginFetchers))
 	}
+	if err := c.Cluster.Validate(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.MaxParents <= 0 {
 		errs = append(errs, fmt.Errorf("max_parents: %d is not positive", c.MaxParents))
 	}
 	return errors.Join(errs...)
+}
+
+// SchedulerPreheat is the [preheat] section of scheduler.toml.
+type SchedulerPreheat struct {
+	// AllowedRegistries are the host patterns (as proxy.allowed_registries)
+	// of the URLs a preheat may name; empty: any host on ports 80 and 443,
+	// never a loopback, link-local or metadata address.
+	AllowedRegistries []string `toml:"allowed_registries"`
 }

@@ -2,6 +2,7 @@ package peer
 
 import (
 	"context"
+	"crypto/tls"
 	"io"
 	"log/slog"
 	"net/http"
@@ -48,8 +49,24 @@ type Options struct {
 	// directly after the peer path failed, before it is tried once more
 	// (0: 30s).
 	LazyFallbackFor time.Duration
+	// UploadTLS, when set, makes the upload server TLS only; it should
+	// require client certificates (cluster.ServerTLS), so that only
+	// members fetch pieces and ranges.
+	UploadTLS *tls.Config
+	// ClientTLS, when set, is used to fetch from parents (over https) and,
+	// unless SchedulerTLS is set, to reach the schedulers (cluster.ClientTLS).
+	ClientTLS *tls.Config
+	// SchedulerTLS, when set, is used to reach the schedulers; it should
+	// insist on the scheduler role (cluster.ClientTLS(cluster.RoleScheduler)).
+	SchedulerTLS *tls.Config
 	// Client fetches from the origin for HTTPSource; nil uses http.DefaultClient.
-	Client     *http.Client
+	Client *http.Client
+	// Authorizer, when set, gives the Authorization header this node's own
+	// credentials earn for url (a registry token for the blob's
+	// repository). HTTPSource asks it when the origin answers 401 and
+	// tries once more: a seed fetches with its own keychain, since no
+	// credential travels with the work.
+	Authorizer func(ctx context.Context, url string) (string, error)
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }

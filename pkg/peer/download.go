@@ -46,9 +46,20 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 		if r.URL == "" {
 			return nil, fmt.Errorf("open task %s: no URL and no source", r.TaskID)
 		}
-		src = HTTPSource(p.o.Client, r.URL, r.Header)
+		src = HTTPSource(p.o.Client, r.URL, r.Header, WithAuthorizer(p.o.Authorizer))
 	}
 	st, ok := p.store.Lookup(r.TaskID)
+	if ok {
+		if err := piece.Check(st.Length(), st.PieceSize()); err != nil {
+			// Cut by an earlier version or a scheduler that knew no
+			// limits: its piece count may be anything. Start afresh.
+			p.log.Warn("stored task cut out of limits, removed", "task", r.TaskID, "err", err)
+			if err := p.store.Remove(r.TaskID); err != nil {
+				return nil, fmt.Errorf("open task %s: remove a task stored with %w", r.TaskID, err)
+			}
+			ok = false
+		}
+	}
 	registered := false
 	if !ok {
 		length := r.Length
@@ -66,6 +77,13 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 		default:
 			psize = piece.SizeFor(length)
 		}
+		// A configured size is brought within limits (the scheduler
+		// refuses others), and a larger one taken where the task would
+		// have too many pieces.
+		psize, ok = piece.Fit(length, psize)
+		if !ok {
+			return nil, fmt.Errorf("open task %s (%s): %d bytes, more than the %d a task may have", r.TaskID, r.URL, length, piece.MaxLength)
+		}
 		// Every peer must cut a task the same way: the first registration
 		// at the scheduler fixes length and piece size.
 		if l, ps, ok := p.register(ctx, r, length, psize); ok {
@@ -73,7 +91,15 @@ func (p *Peer) Open(ctx context.Context, r Request) (*Download, error) {
 			if l > 0 && l != length {
 				return nil, fmt.Errorf("open task %s (%s): the origin says %d bytes, other peers %d", r.TaskID, r.URL, length, l)
 			}
-			if ps > 0 {
+			switch err := piece.Check(length, ps); {
+			case ps == 0 || ps == psize:
+			case err != nil:
+				// The answer is a number someone else chose: pieces of 1
+				// byte once made a peer allocate 2 GB. Our own cut works;
+				// the scheduler ignores its reports if the others differ.
+				p.log.Warn("scheduler answered a piece size out of limits, using ours", "task", r.TaskID,
+					"piece_size", psize, "err", err)
+			default:
 				psize = ps
 			}
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +15,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/starling-dev/starling/pkg/registry"
+	"github.com/starling-dev/starling/pkg/taskid"
 )
 
 // Fetcher reads byte ranges of one blob. It has the method set of
@@ -92,15 +94,19 @@ func (p *Peer) NewLazyFetcher(r Request, direct Fetcher, opts ...LazyOption) *La
 	return f
 }
 
-// RegistryBlobRequest names a layer blob of repo as a task. The task ID is
-// the digest, so the same blob from any registry or mirror is one task.
+// RegistryBlobRequest names a layer blob of repo as a task: the same task
+// as the proxy's and preheat's for that blob of that registry
+// (taskid.ForRegistryBlob), so that lazy reads find what a preheat or a
+// mirror client fetched, and the other way round.
 func RegistryBlobRequest(repo name.Repository, desc v1.Descriptor) Request {
-	return Request{
-		TaskID: desc.Digest.String(),
-		URL:    registry.BlobURL(repo, desc.Digest),
-		Digest: desc.Digest.String(),
-		Length: desc.Size,
+	u := registry.BlobURL(repo, desc.Digest)
+	id := desc.Digest.String()
+	if pu, err := url.Parse(u); err == nil {
+		if rid, ok := taskid.ForRegistryBlob(pu); ok {
+			id = rid
+		}
 	}
+	return Request{TaskID: id, URL: u, Digest: desc.Digest.String(), Length: desc.Size}
 }
 
 // sizedSource is a Source over a Fetcher whose blob size is known.

@@ -249,9 +249,19 @@ func TestRegistryBlobRequest(t *testing.T) {
 	repo, _ := name.NewRepository("reg.example:5000/lib/app")
 	h, _ := v1.NewHash("sha256:" + strings.Repeat("a", 64))
 	r := peer.RegistryBlobRequest(repo, v1.Descriptor{Digest: h, Size: 42})
-	if r.TaskID != h.String() || r.Digest != h.String() || r.Length != 42 ||
+	if r.Digest != h.String() || r.Length != 42 ||
 		r.URL != "https://reg.example:5000/v2/lib/app/blobs/"+h.String() {
 		t.Fatalf("%+v", r)
+	}
+	// The proxy's and preheat's task for the same blob of the same
+	// registry, whatever the repository; another registry's is another.
+	other, _ := name.NewRepository("reg.example:5000/other")
+	if o := peer.RegistryBlobRequest(other, v1.Descriptor{Digest: h}); o.TaskID != r.TaskID {
+		t.Errorf("one registry's blob is two tasks: %s and %s", r.TaskID, o.TaskID)
+	}
+	elsewhere, _ := name.NewRepository("mirror.example/lib/app")
+	if o := peer.RegistryBlobRequest(elsewhere, v1.Descriptor{Digest: h}); o.TaskID == r.TaskID {
+		t.Error("two registries' blobs are one task")
 	}
 }
 

@@ -8,6 +8,7 @@ package peer
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/starling-dev/starling/pkg/serve"
 	"github.com/starling-dev/starling/pkg/storage"
 )
 
@@ -36,6 +38,9 @@ type Peer struct {
 	store *storage.Store
 	sched *schedClient // nil: standalone
 	up    *uploader
+	// parentClient and rangeClient fetch pieces and ranges from parents
+	// (over TLS when Options.ClientTLS is set).
+	parentClient, rangeClient *http.Client
 	// flights are this peer's claimed origin range fetches, which its
 	// upload server streams to others; reports queues held ranges for the
 	// scheduler (ranges.go, flight.go).
@@ -120,6 +125,7 @@ func New(o Options) (*Peer, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Peer{o: o, id: id, log: o.Logger.With("peer", id), m: m, lazy: lazy, store: store,
 		ctx: ctx, cancel: cancel, tasks: map[string]*task{}, reports: make(chan rangeReport, 4096)}
+	p.parentClient, p.rangeClient = newParentClients(o.ClientTLS)
 	if len(o.Schedulers) > 0 {
 		p.sched = newSchedClient(p, o.Schedulers)
 	}
@@ -143,6 +149,14 @@ func loadID(path string) (string, error) {
 	return id, nil
 }
 
+// schedulerTLS is the client configuration for the schedulers (nil: plaintext).
+func (p *Peer) schedulerTLS() *tls.Config {
+	if p.o.SchedulerTLS != nil {
+		return p.o.SchedulerTLS
+	}
+	return p.o.ClientTLS
+}
+
 // ID is the peer's ID.
 func (p *Peer) ID() string { return p.id }
 
@@ -153,9 +167,22 @@ func (p *Peer) Seed() bool { return p.o.Seed }
 // the downloads a previous run left unfinished and collects garbage.
 func (p *Peer) Start(ctx context.Context) error {
 	if p.o.UploadListen != "" {
-		l, err := net.Listen("tcp", p.o.UploadListen)
+		addr := p.o.UploadListen
+		if host, port, err := net.SplitHostPort(addr); err == nil && host == "" {
+			// No address given (":4000"): the one other peers are told,
+			// not every interface of the node.
+			ip := p.o.AdvertiseIP
+			if ip == "" {
+				ip = advertiseIP("")
+			}
+			addr = net.JoinHostPort(ip, port)
+		}
+		l, err := serve.Listen(addr, serve.DefaultLimits)
 		if err != nil {
-			return fmt.Errorf("upload server on %s: %w", p.o.UploadListen, err)
+			return fmt.Errorf("upload server on %s: %w", addr, err)
+		}
+		if p.o.UploadTLS != nil {
+			l = tls.NewListener(l, p.o.UploadTLS)
 		}
 		p.up = newUploader(p, l)
 		p.wg.Add(1)
@@ -222,6 +249,9 @@ func (p *Peer) Close() error {
 		p.up.close()
 	}
 	p.wg.Wait()
+	// The clients are this peer's own: their kept connections end with it.
+	p.parentClient.CloseIdleConnections()
+	p.rangeClient.CloseIdleConnections()
 	if p.sched != nil {
 		_ = p.sched.Close()
 	}

@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
-	"strconv"
 	"sync"
 	"time"
 
@@ -114,6 +112,11 @@ func (p *Peer) scheduleRange(ctx context.Context, t *task, off, n int64) ([]segm
 	}
 	// The segments must tile the range exactly: anything else is a
 	// scheduler bug or a bad answer, and the read goes to the registry.
+	// Each segment is read at once, in parallel: their number is bounded.
+	if k := len(resp.GetSegments()); k > maxSegments {
+		return nil, fmt.Errorf("schedule range %d+%d of task %s: scheduler %s answered %d segments, at most %d",
+			off, n, t.id, addr, k, maxSegments)
+	}
 	var segs []segment
 	pos := off
 	for _, s := range resp.GetSegments() {
@@ -124,7 +127,10 @@ func (p *Peer) scheduleRange(ctx context.Context, t *task, off, n int64) ([]segm
 		}
 		var parents []*schedulerpb.PeerInfo
 		for _, par := range s.GetParents() {
-			if par.GetId() != p.id {
+			if len(parents) == maxAnsweredParents {
+				break
+			}
+			if par.GetId() != p.id && validParent(par) {
 				parents = append(parents, par)
 			}
 		}
@@ -136,6 +142,10 @@ func (p *Peer) scheduleRange(ctx context.Context, t *task, off, n int64) ([]segm
 	}
 	return segs, nil
 }
+
+// maxSegments bounds the segments of one range answer (the scheduler sends
+// at most 257).
+const maxSegments = 1024
 
 // openSegment starts reading one segment: locally, from a parent, or
 // from the origin (when no parent answers, too).
@@ -172,27 +182,15 @@ func (f *LazyFetcher) openSegment(ctx context.Context, t *task, s segment, start
 	return r, nil
 }
 
-// rangeClient fetches ranges from parents. A parent answers from its disk:
-// its headers come at once or it is not worth waiting for (the origin is),
-// while the body may take as long as the reader's context allows.
-var rangeClient = &http.Client{Transport: &http.Transport{
-	Proxy:                 nil,
-	DialContext:           (&net.Dialer{Timeout: time.Second, KeepAlive: 30 * time.Second}).DialContext,
-	ResponseHeaderTimeout: time.Second,
-	MaxIdleConnsPerHost:   16,
-	IdleConnTimeout:       90 * time.Second,
-}}
-
 // openParentRange asks a parent's upload server for a byte range.
 func (p *Peer) openParentRange(ctx context.Context, par *schedulerpb.PeerInfo, taskID string, off, n int64) (io.ReadCloser, error) {
-	u := fmt.Sprintf("http://%s%s%s", net.JoinHostPort(par.GetIp(), strconv.Itoa(int(par.GetUploadPort()))),
-		rangePath, url.PathEscape(taskID))
+	u := p.parentURL(par, rangePath+url.PathEscape(taskID))
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, err
 	}
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
-	resp, err := rangeClient.Do(req)
+	resp, err := p.rangeClient.Do(req)
 	if err != nil {
 		return nil, err
 	}

@@ -31,7 +31,7 @@ type schedClient struct {
 }
 
 func newSchedClient(p *Peer, addrs []string) *schedClient {
-	s, err := DialSchedulers(addrs)
+	s, err := DialSchedulers(addrs, WithTLS(p.schedulerTLS()))
 	if err != nil {
 		// The others still serve; the announce loop reports the missing one.
 		p.log.Error("scheduler address", "err", err)
@@ -225,8 +225,13 @@ func workOf(r Request) *schedulerpb.Work {
 		// node's registry credentials stay on the node.
 		return w
 	}
-	w.Url = r.URL
-	for k, v := range r.Header {
+	// No credential goes to the scheduler, which hands work to any seed:
+	// not the client's Authorization or cookies, not a user:password in
+	// the URL. A seed fetches with its own node's credentials
+	// (Options.Authorizer); only headers that say nothing about who asks
+	// travel.
+	w.Url = WorkURL(r.URL)
+	for k, v := range WorkHeader(r.Header) {
 		w.Header[k] = &schedulerpb.HeaderValues{Values: v}
 	}
 	return w

@@ -1,15 +1,18 @@
 package peer
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
@@ -23,18 +26,35 @@ type Schedulers struct {
 	clients map[string]schedulerpb.SchedulerClient
 }
 
+// DialOption changes how DialSchedulers connects.
+type DialOption func(*dialOptions)
+
+type dialOptions struct{ tls *tls.Config }
+
+// WithTLS dials the schedulers over TLS with cfg (a cluster.ClientTLS);
+// nil keeps plaintext.
+func WithTLS(cfg *tls.Config) DialOption { return func(o *dialOptions) { o.tls = cfg } }
+
 // DialSchedulers prepares connections to addrs; gRPC connects on the first
 // call, with a short reconnect backoff so that a restarted scheduler is
 // reached again within seconds rather than gRPC's default two minutes. The
 // result holds every address that could be dialled; the error names those
 // that could not (a malformed address) and the caller decides whether to go
 // on without them.
-func DialSchedulers(addrs []string) (*Schedulers, error) {
+func DialSchedulers(addrs []string, opts ...DialOption) (*Schedulers, error) {
+	var o dialOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	var creds credentials.TransportCredentials = insecure.NewCredentials()
+	if o.tls != nil {
+		creds = cluster.Credentials(o.tls)
+	}
 	s := &Schedulers{addrs: addrs, clients: map[string]schedulerpb.SchedulerClient{}}
 	var errs []error
 	for _, a := range addrs {
 		conn, err := grpc.Dial(a,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithTransportCredentials(creds),
 			grpc.WithConnectParams(grpc.ConnectParams{
 				Backoff:           backoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second},
 				MinConnectTimeout: 2 * time.Second,

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"sort"
 	"sync"
 	"time"
@@ -371,18 +372,33 @@ func (t *task) dispatch(batch []int) {
 	t.mu.Lock()
 	t.schedOK = now
 	t.mu.Unlock()
+	// The answer is checked like any input from the network: only the
+	// pieces asked, each once; a digest that is not one means none; at
+	// most maxAnsweredParents parents, each with an address.
+	asked := make(map[int]bool, len(batch))
+	for _, n := range batch {
+		asked[n] = true
+	}
 	got := map[int]bool{}
 	for _, a := range resp.GetAssignments() {
 		n := int(a.GetPiece())
-		if n < 0 || n >= t.count || got[n] {
+		if !asked[n] || got[n] {
 			continue
 		}
 		got[n] = true
+		digest := a.GetDigest()
+		if !validDigest(digest) {
+			digest = ""
+		}
+		answered := a.GetParents()
+		if len(answered) > maxAnsweredParents {
+			answered = answered[:maxAnsweredParents]
+		}
 		var parents []*schedulerpb.PeerInfo
 		resting := 0
 		t.mu.Lock()
-		for _, par := range a.GetParents() {
-			if par.GetId() == t.p.id || t.bad[par.GetId()] {
+		for _, par := range answered {
+			if par.GetId() == t.p.id || t.bad[par.GetId()] || !validParent(par) {
 				continue
 			}
 			if now.Before(t.avoid[par.GetId()]) {
@@ -394,8 +410,8 @@ func (t *task) dispatch(batch []int) {
 		rounds := t.rounds[n]
 		t.mu.Unlock()
 		switch {
-		case len(parents) > 0 && a.GetDigest() != "" && rounds < maxParentRounds:
-			t.goParents(n, a.GetDigest(), parents)
+		case len(parents) > 0 && digest != "" && rounds < maxParentRounds:
+			t.goParents(n, digest, parents)
 		case resting > 0 && rounds < maxParentRounds:
 			// Only parents that failed a moment ago (likely dead: the
 			// scheduler drops them after its peer TTL) hold it, or the
@@ -426,6 +442,30 @@ func (t *task) dispatch(batch []int) {
 			t.mu.Unlock()
 		}
 	}
+}
+
+// maxAnsweredParents bounds the parents of one answer that are tried (the
+// scheduler sends MaxParents, 4 by default).
+const maxAnsweredParents = 16
+
+// validParent reports whether a parent the scheduler named can be asked:
+// an ID and an address.
+func validParent(par *schedulerpb.PeerInfo) bool {
+	return par.GetId() != "" && par.GetUploadPort() > 0 && par.GetUploadPort() <= 65535 && net.ParseIP(par.GetIp()) != nil
+}
+
+// validDigest reports whether d is a lowercase hex sha256, as pieces are
+// checked against.
+func validDigest(d string) bool {
+	if len(d) != sha256.Size*2 {
+		return false
+	}
+	for _, c := range d {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // restLocked rests piece n after the scheduler said to wait for it. Every

@@ -3,9 +3,11 @@ package peer
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -18,6 +20,8 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/cluster"
+	"github.com/starling-dev/starling/pkg/serve"
 	"github.com/starling-dev/starling/pkg/storage"
 )
 
@@ -49,7 +53,10 @@ func newUploader(p *Peer, l net.Listener) *uploader {
 	mux := http.NewServeMux()
 	mux.HandleFunc(piecePath, u.servePiece)
 	mux.HandleFunc(rangePath, u.serveRange)
-	u.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	u.srv = serve.HTTPServer(mux)
+	// Failed TLS handshakes (strangers without a cluster certificate) are
+	// one line each: debug, so that knocking cannot flood the log.
+	u.srv.ErrorLog = slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
 	return u
 }
 
@@ -281,26 +288,52 @@ func (u *uploader) send(w http.ResponseWriter, r *http.Request, src io.Reader) {
 // errBusy is a parent's answer when all its upload slots are taken.
 var errBusy = errors.New("parent busy")
 
-// parentClient fetches pieces from other peers; it never goes through an
-// HTTP proxy from the environment, peers talk directly.
-var parentClient = &http.Client{Transport: &http.Transport{
-	Proxy:               nil,
-	DialContext:         (&net.Dialer{Timeout: 3 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-	MaxIdleConnsPerHost: 16,
-	IdleConnTimeout:     90 * time.Second,
-}}
+// newParentClients makes the clients that fetch pieces (parentClient) and
+// ranges (rangeClient) from other peers, over TLS with cfg when it is set.
+// They never go through an HTTP proxy from the environment: peers talk
+// directly. They are the peer's own, not globals, because each peer of a
+// process (tests, starling get) has its own identity. A parent answers
+// ranges from its disk: its headers come at once or it is not worth
+// waiting for (the origin is), while the body may take as long as the
+// reader's context allows.
+func newParentClients(cfg *tls.Config) (parent, ranges *http.Client) {
+	mk := func(dialTimeout, headerTimeout time.Duration) *http.Client {
+		d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+		t := &http.Transport{
+			Proxy:                 nil,
+			DialContext:           d.DialContext,
+			ResponseHeaderTimeout: headerTimeout,
+			MaxIdleConnsPerHost:   16,
+			IdleConnTimeout:       90 * time.Second,
+		}
+		if cfg != nil {
+			t.DialTLSContext = cluster.DialTLS(cfg, d)
+			t.TLSHandshakeTimeout = dialTimeout
+		}
+		return &http.Client{Transport: t}
+	}
+	return mk(3*time.Second, 0), mk(time.Second, time.Second)
+}
+
+// parentURL is the address of path on a parent's upload server.
+func (p *Peer) parentURL(par *schedulerpb.PeerInfo, path string) string {
+	scheme := "http"
+	if p.o.ClientTLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + net.JoinHostPort(par.GetIp(), strconv.Itoa(int(par.GetUploadPort()))) + path
+}
 
 // fetchPiece downloads piece n of a task from a parent. The caller checks it.
 func (p *Peer) fetchPiece(ctx context.Context, par *schedulerpb.PeerInfo, taskID string, n int, want int64) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.o.PieceTimeout)
 	defer cancel()
-	u := fmt.Sprintf("http://%s%s%s/%d", net.JoinHostPort(par.GetIp(), strconv.Itoa(int(par.GetUploadPort()))),
-		piecePath, url.PathEscape(taskID), n)
+	u := p.parentURL(par, fmt.Sprintf("%s%s/%d", piecePath, url.PathEscape(taskID), n))
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := parentClient.Do(req)
+	resp, err := p.parentClient.Do(req)
 	if err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package preheat
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -31,7 +32,10 @@ type Options struct {
 	// CallTimeout bounds one call to a scheduler, which answers from
 	// memory (0: 10s).
 	CallTimeout time.Duration
-	Logger      *slog.Logger
+	// TLS, when set, is the cluster client identity for the schedulers
+	// (nil: plaintext).
+	TLS    *tls.Config
+	Logger *slog.Logger
 }
 
 // Status is where one blob of a plan stands.
@@ -67,7 +71,7 @@ func NewJob(plan *Plan, o Options) (*Job, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	s, err := peer.DialSchedulers(o.Schedulers)
+	s, err := peer.DialSchedulers(o.Schedulers, peer.WithTLS(o.TLS))
 	if err != nil {
 		_ = s.Close()
 		return nil, err

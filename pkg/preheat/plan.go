@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 
@@ -17,8 +18,9 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/peer"
+	"github.com/starling-dev/starling/pkg/proxy"
 	"github.com/starling-dev/starling/pkg/registry"
-	"github.com/starling-dev/starling/pkg/taskid"
 )
 
 // Blob is one blob to put on a seed peer.
@@ -42,7 +44,8 @@ const maxIndexDepth = 4
 
 // NewPlan resolves ref to the blobs to preheat: the layers and config of
 // each of its images (those of platforms, or all, for an index), once each.
-// hdr is sent by the seeds with every request to the registry.
+// Of hdr only what peer.WorkHeader keeps (Accept) goes to the seeds: no
+// credential travels; each seed uses its own node's.
 func NewPlan(ctx context.Context, c *registry.Client, ref name.Reference, platforms []*v1.Platform, hdr http.Header) (*Plan, error) {
 	desc, err := c.Get(ctx, ref)
 	if err != nil {
@@ -102,13 +105,21 @@ func (p *planner) add(d v1.Descriptor, kind, platform string) error {
 		return nil
 	}
 	u := registry.BlobURL(p.ref.Context(), d.Digest)
-	id, err := taskid.ForURL(u, "", nil)
+	pu, err := url.Parse(u)
 	if err != nil {
-		return err
+		return fmt.Errorf("blob URL %s: %w", u, err)
+	}
+	// The task the proxy serves this blob of this registry from, so that
+	// what the seed fetched is what mirror clients get.
+	id, ok := proxy.RegistryTaskID(pu)
+	if !ok {
+		return fmt.Errorf("blob URL %s names no blob", u)
 	}
 	w := &schedulerpb.Work{TaskId: id, Url: u, Digest: d.Digest.String(), Header: map[string]*schedulerpb.HeaderValues{}}
-	for k, vs := range p.hdr {
-		w.Header[k] = &schedulerpb.HeaderValues{Values: append([]string(nil), vs...)}
+	// No credential travels with the work: the seed fetches with its
+	// own node's credentials.
+	for k, vs := range peer.WorkHeader(p.hdr) {
+		w.Header[k] = &schedulerpb.HeaderValues{Values: vs}
 	}
 	b := &Blob{Work: w, Size: d.Size, Kind: kind}
 	if platform != "" {

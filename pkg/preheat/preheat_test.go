@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"sort"
 	"strings"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"github.com/starling-dev/starling/api/schedulerpb"
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/peer"
+	"github.com/starling-dev/starling/pkg/proxy"
 	"github.com/starling-dev/starling/pkg/registry"
 )
 
@@ -79,7 +81,7 @@ func TestPlan(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	hdr := http.Header{"Authorization": {"Bearer x"}}
+	hdr := http.Header{"Authorization": {"Bearer x"}, "Cookie": {"s=1"}, "Accept": {"*/*"}}
 
 	plan, err := NewPlan(ctx, c, ref, nil, hdr)
 	if err != nil {
@@ -99,15 +101,17 @@ func TestPlan(t *testing.T) {
 	}
 	for _, b := range plan.Blobs {
 		w := b.Work
-		if w.TaskId != w.Digest {
-			t.Errorf("task ID %s of blob %s: a registry blob's task ID is its digest", w.TaskId, w.Digest)
-		}
 		wantURL := "http://" + reg.Addr + "/v2/preheat/multi/blobs/" + w.Digest
 		if w.Url != wantURL {
 			t.Errorf("URL %s, want %s", w.Url, wantURL)
 		}
-		if v := w.Header["Authorization"]; v == nil || len(v.Values) != 1 || v.Values[0] != "Bearer x" {
-			t.Errorf("header of %s: %v", w.Digest, w.Header)
+		// The task the proxy serves the blob of this registry from.
+		if id, _ := proxy.RegistryTaskID(must(url.Parse(wantURL))); w.TaskId != id {
+			t.Errorf("task ID %s of blob %s, want the proxy's %s", w.TaskId, w.Digest, id)
+		}
+		// No credential travels with the work.
+		if len(w.Header) != 1 || w.Header["Accept"] == nil {
+			t.Errorf("header of %s: %v, want Accept only", w.Digest, w.Header)
 		}
 		// The URL is what a seed fetches: it must serve the blob.
 		resp, err := http.Get(w.Url)
@@ -330,4 +334,11 @@ func planOf(t *testing.T, image string) *Plan {
 		t.Fatal(err)
 	}
 	return plan
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

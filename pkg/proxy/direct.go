@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"net/url"
 	"sync"
 	"time"
+
+	"github.com/starling-dev/starling/pkg/allow"
 )
 
 type upstreamKey struct{}
@@ -45,6 +48,11 @@ func (x *Proxy) newDirect() *httputil.ReverseProxy {
 				x.log.Debug("proxy request canceled", "method", r.Method, "url", u.String(), "err", err)
 				return
 			}
+			var refused *allow.RefusedError
+			if errors.As(err, &refused) {
+				x.refuse(w, r, refused)
+				return
+			}
 			x.logFailure(r, "direct", http.StatusBadGateway, u, err)
 			http.Error(w, "upstream "+u.Host+": "+oneLine(err), http.StatusBadGateway)
 		},
@@ -68,8 +76,13 @@ func (x *Proxy) tunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	up, err := x.dialer.DialContext(ctx, "tcp", r.Host)
+	up, err := x.allow.DialContext(ctx, "tcp", r.Host)
 	cancel()
+	var refused *allow.RefusedError
+	if errors.As(err, &refused) {
+		x.refuse(w, r, err)
+		return
+	}
 	if err != nil {
 		x.logFailure(r, "direct", http.StatusBadGateway, u, err)
 		http.Error(w, "connect "+r.Host+": "+oneLine(err), http.StatusBadGateway)

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/starling-dev/starling/pkg/allow"
 	"github.com/starling-dev/starling/pkg/peer"
 	"github.com/starling-dev/starling/pkg/taskid"
 )
@@ -26,19 +27,40 @@ import (
 func (x *Proxy) serveP2P(w http.ResponseWriter, r *http.Request, u *url.URL) {
 	ctx := r.Context()
 	filters := x.filters
+	tag := r.Header.Get(HeaderTag)
 	if f := r.Header.Get(HeaderFilter); f != "" {
-		filters = append(slices.Clone(filters), strings.Split(f, "&")...)
-	}
-	id, err := taskid.ForURL(u.String(), r.Header.Get(HeaderTag), filters)
-	if err != nil {
-		x.logFailure(r, "p2p", http.StatusBadRequest, u, err)
-		http.Error(w, oneLine(err), http.StatusBadRequest)
-		return
+		extra := strings.Split(f, "&")
+		filters = append(slices.Clone(filters), extra...)
+		// A client's own filters are its claim that those parameters do
+		// not change the bytes; they name a task only for clients that
+		// make the same claim. Otherwise anyone could fill the task of
+		// a plain URL with what the URL plus a filtered parameter
+		// returns.
+		slices.Sort(extra)
+		tag += "\x00filters=" + strings.Join(slices.Compact(extra), "&")
 	}
 	// A registry blob URL names its digest: the peer checks the whole blob
-	// against it, and the same blob through any registry is one task.
+	// against it, and the blob through one registry is one task
+	// (RegistryTaskID says why not one across registries).
+	id, isBlob := RegistryTaskID(u)
 	digest, _ := taskid.RegistryDigest(u)
-	d, err := x.p.Open(ctx, peer.Request{TaskID: id, URL: u.String(), Header: originHeader(r.Header), Digest: digest})
+	if !isBlob {
+		var err error
+		if id, err = taskid.ForURL(u.String(), tag, filters); err != nil {
+			x.logFailure(r, "p2p", http.StatusBadRequest, u, err)
+			http.Error(w, oneLine(err), http.StatusBadRequest)
+			return
+		}
+	}
+	// What the task holds was fetched with someone's credentials: the
+	// origin says first whether this client may read it.
+	length, result, err := x.auth.check(ctx, u, r.Header, digest)
+	x.m.authz.WithLabelValues(result).Inc()
+	if err != nil {
+		x.fail(w, r, u, err)
+		return
+	}
+	d, err := x.p.Open(ctx, peer.Request{TaskID: id, URL: u.String(), Header: originHeader(r.Header), Digest: digest, Length: max(length, 0)})
 	if err != nil {
 		x.fail(w, r, u, err)
 		return
@@ -303,6 +325,11 @@ func (x *Proxy) abort(r *http.Request, u *url.URL, err error) {
 func (x *Proxy) fail(w http.ResponseWriter, r *http.Request, u *url.URL, err error) {
 	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
 		x.log.Debug("proxy request canceled", "method", r.Method, "url", u.String(), "err", err)
+		return
+	}
+	var refused *allow.RefusedError
+	if errors.As(err, &refused) {
+		x.refuse(w, r, refused)
 		return
 	}
 	var oe *peer.OriginError

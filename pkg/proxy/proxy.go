@@ -5,6 +5,13 @@
 // request in proxy form (an absolute URI) is for that URL. GETs whose
 // upstream URL matches a rule go through the P2P network; everything else
 // (manifests, HEAD, pushes) goes straight to the upstream.
+//
+// It is no open proxy: every upstream, however named, must be an allowed
+// registry (pkg/allow, checked again at dial time), CONNECT is off unless
+// configured, and what P2P and the node's storage hold is served only to
+// a client the origin said may read it (auth.go). A registry blob's task
+// is its digest at its registry (RegistryTaskID), so that another
+// upstream's bytes never reach a ranged read.
 package proxy
 
 import (
@@ -15,11 +22,15 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"regexp"
+	"sort"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/starling-dev/starling/pkg/allow"
 	"github.com/starling-dev/starling/pkg/config"
 	"github.com/starling-dev/starling/pkg/peer"
 	"github.com/starling-dev/starling/pkg/registry"
@@ -59,9 +70,21 @@ type Options struct {
 	// Scheme returns "http" or "https" for a registry host named by an ns
 	// parameter; nil uses https, http for loopback hosts.
 	Scheme func(host string) string
-	// Transport carries direct requests; nil is http.DefaultTransport's
-	// settings without the environment's proxy (which may be this one).
-	Transport  http.RoundTripper
+	// Transport carries direct requests and the authorisation checks; nil
+	// is http.DefaultTransport's settings without the environment's proxy
+	// (which may be this one). An *http.Transport gets the allowlist's
+	// DialContext.
+	Transport http.RoundTripper
+	// Allowed are the host patterns of the upstreams clients may name
+	// (allow.New); DefaultRegistry's host is always allowed. Every
+	// other upstream is refused with 403.
+	Allowed []string
+	// Connect is "off" (CONNECT refused, the default) or "allowed"
+	// (tunnels to allowed hosts on port 443).
+	Connect string
+	// AuthTTL is how long an origin's answer to a client's credentials
+	// for a repository is reused (0: 60s).
+	AuthTTL    time.Duration
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 }
@@ -75,10 +98,37 @@ func FromConfig(c config.Proxy, resolver registry.Config) Options {
 		DefaultRegistry: c.DefaultRegistry,
 		Prefetch:        c.Prefetch,
 		QueryFilters:    c.QueryFilters,
+		Allowed:         AllowedFromConfig(c, resolver),
+		Connect:         c.Connect,
 		// The one per-host policy of pkg/registry: loopback, insecure
 		// hosts and mirrors are plain HTTP.
 		Scheme: func(host string) string { return resolver.Endpoint(host).Scheme() },
 	}
+}
+
+// AllowedFromConfig is the allowlist of a node: the registries its
+// resolver section names, those containerd's hosts directory names, the
+// proxy's default registry and proxy.allowed_registries. The resolver's
+// mirrors are not in it: they are usually this very proxy.
+func AllowedFromConfig(c config.Proxy, resolver registry.Config) []string {
+	var out []string
+	for h := range resolver.Host {
+		out = append(out, h)
+	}
+	if c.HostsDir != "" {
+		// One directory per registry ("_default" is no host).
+		ents, _ := os.ReadDir(c.HostsDir)
+		for _, e := range ents {
+			if e.IsDir() && e.Name() != "_default" {
+				out = append(out, e.Name())
+			}
+		}
+	}
+	sort.Strings(out)
+	if c.DefaultRegistry != "" {
+		out = append(out, c.DefaultRegistry)
+	}
+	return append(out, c.AllowedRegistries...)
 }
 
 // Proxy is the proxy and mirror; it is an http.Handler.
@@ -90,9 +140,12 @@ type Proxy struct {
 	log     *slog.Logger
 	m       *metrics
 	direct  *httputil.ReverseProxy
-	dialer  net.Dialer
 	filters []string
 	scheme  func(string) string
+	allow   *allow.List
+	auth    *authChecker
+	// connectPort is the one port CONNECT reaches: 443 (tests change it).
+	connectPort string
 }
 
 // New returns a proxy that sends P2P requests to p. A nil p sends
@@ -111,9 +164,28 @@ func New(o Options, p *peer.Peer) (*Proxy, error) {
 	if o.Scheme == nil {
 		o.Scheme = func(host string) string { return registry.Config{}.Endpoint(host).Scheme() }
 	}
+	switch o.Connect {
+	case "":
+		o.Connect = d.Connect
+	case "off", "allowed":
+	default:
+		return nil, fmt.Errorf("proxy connect %q: want off or allowed", o.Connect)
+	}
+	al, err := allow.New(append([]string{o.DefaultRegistry}, o.Allowed...))
+	if err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
+	}
 	if o.Transport == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.Proxy = nil
+		o.Transport = t
+	}
+	if t, ok := o.Transport.(*http.Transport); ok {
+		// Checked at dial time too: a name that passed the host check
+		// may resolve, or be rebound, to an internal address.
+		t = t.Clone()
+		t.DialContext = al.DialContext
+		t.DialTLSContext = nil
 		o.Transport = t
 	}
 	if o.Logger == nil {
@@ -122,7 +194,8 @@ func New(o Options, p *peer.Peer) (*Proxy, error) {
 	if o.Registerer == nil {
 		o.Registerer = prometheus.NewRegistry()
 	}
-	x := &Proxy{o: o, p: p, log: o.Logger.With("component", "proxy"), filters: o.QueryFilters, scheme: o.Scheme}
+	x := &Proxy{o: o, p: p, log: o.Logger.With("component", "proxy"), filters: o.QueryFilters, scheme: o.Scheme, allow: al, connectPort: "443"}
+	x.auth = newAuthChecker(o.Transport, o.AuthTTL)
 	for _, r := range o.Rules {
 		re, err := regexp.Compile(r)
 		if err != nil {
@@ -130,7 +203,8 @@ func New(o Options, p *peer.Peer) (*Proxy, error) {
 		}
 		x.rules = append(x.rules, re)
 	}
-	def, err := registryURL(o.DefaultRegistry)
+	var def *url.URL
+	def, err = registryURL(o.DefaultRegistry)
 	if err != nil {
 		return nil, fmt.Errorf("proxy default registry: %w", err)
 	}
@@ -229,13 +303,29 @@ func (x *Proxy) p2p(r *http.Request, u *url.URL) bool {
 // ServeHTTP routes a request to P2P or straight to its upstream.
 func (x *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
+		if x.o.Connect != "allowed" {
+			x.refuse(w, r, &allow.RefusedError{Target: r.Host, Reason: "CONNECT is off (proxy.connect)"})
+			return
+		}
+		if _, port, _ := net.SplitHostPort(r.Host); port != x.connectPort {
+			x.refuse(w, r, &allow.RefusedError{Target: r.Host, Reason: "CONNECT only to port " + x.connectPort})
+			return
+		}
+		if err := x.allow.CheckHostPort(r.Host); err != nil {
+			x.refuse(w, r, err)
+			return
+		}
 		x.tunnel(w, r)
 		return
 	}
 	u, err := x.upstream(r)
 	if err != nil {
 		x.log.Info("proxy request refused", "method", r.Method, "uri", r.RequestURI, "status", http.StatusBadRequest, "err", err)
-		http.Error(w, err.Error(), http.StatusBadRequest)
+		http.Error(w, oneLine(err), http.StatusBadRequest)
+		return
+	}
+	if err := x.allow.CheckURL(u); err != nil {
+		x.refuse(w, r, err)
 		return
 	}
 	if x.log.Enabled(r.Context(), slog.LevelDebug) {
@@ -289,4 +379,14 @@ func (x *Proxy) logFailure(r *http.Request, path string, status int, u *url.URL,
 		args = append(args, "err", err)
 	}
 	x.log.Log(r.Context(), lvl, "proxy request failed", args...)
+}
+
+// refuse answers a request for an upstream the allowlist does not admit:
+// 403, one line, one log line (without the query, which may carry
+// signatures).
+func (x *Proxy) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	x.m.refused.Inc()
+	x.log.Warn("proxy request refused", "method", r.Method, "host", r.Host, "path", r.URL.Path,
+		"remote", r.RemoteAddr, "status", http.StatusForbidden, "err", err)
+	http.Error(w, "starling: "+oneLine(err), http.StatusForbidden)
 }

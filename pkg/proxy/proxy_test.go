@@ -63,6 +63,10 @@ func newEnv(t *testing.T, o Options) *env {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
+	if o.Allowed == nil {
+		// The test registries listen on loopback, named exactly.
+		o.Allowed = []string{"127.0.0.1:*"}
+	}
 	if e.x, err = New(o, p); err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +161,8 @@ func TestMirrorBlobThroughP2P(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !bytes.Equal(b, data) {
 		t.Fatalf("GET: status %d, %d bytes, digest %s; want 200, %d bytes, %s", resp.StatusCode, len(b), digestOf(b), size, dg)
 	}
-	for k, want := range map[string]string{"Content-Length": fmt.Sprint(size), "Docker-Content-Digest": dg, HeaderTask: dg, "Accept-Ranges": "bytes"} {
+	task, _ := RegistryTaskID(must(url.Parse("http://" + e.count.Addr + path)))
+	for k, want := range map[string]string{"Content-Length": fmt.Sprint(size), "Docker-Content-Digest": dg, HeaderTask: task, "Accept-Ranges": "bytes"} {
 		if got := resp.Header.Get(k); got != want {
 			t.Errorf("%s = %q, want %q", k, got, want)
 		}
@@ -169,18 +174,23 @@ func TestMirrorBlobThroughP2P(t *testing.T) {
 		t.Errorf("p2p bytes = %v, want %d", got, size)
 	}
 
-	// Upstream named by containerd's ns (a loopback registry: plain HTTP),
-	// straight at the registry this time: the same blob is the same task,
-	// already held, so the origin sends nothing more.
-	resp = e.get(path+"?ns="+e.reg.Addr, nil)
-	if b := body(t, resp); resp.StatusCode != http.StatusOK || digestOf(b) != dg {
-		t.Fatalf("GET ?ns=: status %d, digest %s, want 200 %s", resp.StatusCode, digestOf(b), dg)
+	// Upstream named by containerd's ns (a loopback registry: plain HTTP):
+	// the same blob of the same registry is the same task, already held,
+	// so the origin sends nothing more.
+	resp = e.get(path+"?ns="+e.count.Addr, nil)
+	if b := body(t, resp); resp.StatusCode != http.StatusOK || digestOf(b) != dg || resp.Header.Get(HeaderTask) != task {
+		t.Fatalf("GET ?ns=: status %d, digest %s, task %s, want 200 %s %s", resp.StatusCode, digestOf(b), resp.Header.Get(HeaderTask), dg, task)
 	}
 	if got := e.count.BlobBytes(dg); got != int64(size) {
 		t.Errorf("the origin sent %d bytes of the blob, want %d (once)", got, size)
 	}
-	if got := e.requests("p2p"); got != 2 {
-		t.Errorf("p2p requests = %v, want 2", got)
+	// Another registry is another task: its pieces never serve the first's.
+	resp = e.get(path+"?ns="+e.reg.Addr, nil)
+	if b := body(t, resp); resp.StatusCode != http.StatusOK || digestOf(b) != dg || resp.Header.Get(HeaderTask) == task {
+		t.Fatalf("GET ?ns= another registry: status %d, digest %s, task %s (the first registry's is %s)", resp.StatusCode, digestOf(b), resp.Header.Get(HeaderTask), task)
+	}
+	if got := e.requests("p2p"); got != 3 {
+		t.Errorf("p2p requests = %v, want 3", got)
 	}
 	if got := e.requests("direct"); got != 0 {
 		t.Errorf("direct requests = %v, want 0", got)
@@ -353,15 +363,36 @@ func TestProxyForm(t *testing.T) {
 		t.Fatalf("only %v direct requests for a push", e.requests("direct"))
 	}
 
-	// CONNECT: a plain tunnel.
-	conn, err := net.Dial("tcp", pu.Host)
+	// CONNECT is off by default.
+	if out := connect(t, pu.Host, e.reg.Addr); !strings.HasPrefix(out, "HTTP/1.1 403") {
+		t.Fatalf("CONNECT with proxy.connect off answered:\n%s", out)
+	}
+}
+
+// connect sends a CONNECT to target through the proxy at addr, then a GET
+// /v2/ through the tunnel, and returns all the proxy sent back.
+func connect(t *testing.T, addr, target string) string {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", e.reg.Addr, e.reg.Addr, e.reg.Addr)
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", target, target, target)
 	out, _ := io.ReadAll(conn)
-	if !strings.HasPrefix(string(out), "HTTP/1.1 200") || !strings.Contains(string(out), "\r\n\r\nHTTP/1.1 200 OK") {
+	return string(out)
+}
+
+// With proxy.connect = "allowed", a tunnel to an allowed host on the TLS
+// port works (the port is the test registry's here).
+func TestConnectAllowed(t *testing.T) {
+	e := newEnv(t, Options{Connect: "allowed"})
+	pu, _ := url.Parse(e.srv.URL)
+	_, port, _ := net.SplitHostPort(e.reg.Addr)
+	e.x.connectPort = port
+	out := connect(t, pu.Host, e.reg.Addr)
+	if !strings.HasPrefix(out, "HTTP/1.1 200") || !strings.Contains(out, "\r\n\r\nHTTP/1.1 200 OK") {
 		t.Fatalf("CONNECT tunnel answered:\n%s", out)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/starling-dev/starling/pkg/byterange"
+	"github.com/starling-dev/starling/pkg/piece"
 )
 
 // Byte ranges: how lazy readers share a blob without moving whole pieces.
@@ -148,7 +149,7 @@ func (r *rangeState) prune(now time.Time) {
 // (with that peer, which streams it as it arrives), or nobody's (to fetch
 // from the origin, now claimed for the requester).
 func (s *Scheduler) ScheduleRange(_ context.Context, req RangeRequest) ([]Segment, error) {
-	if req.Len <= 0 || req.Off < 0 || req.Length <= 0 || req.Off+req.Len > req.Length || req.Off+req.Len < req.Off {
+	if req.Len <= 0 || req.Off < 0 || req.Length <= 0 || req.Length > piece.MaxLength || req.Off+req.Len > req.Length || req.Off+req.Len < req.Off {
 		return nil, fmt.Errorf("%w: %d+%d of a %d-byte task", ErrRangeInvalid, req.Off, req.Len, req.Length)
 	}
 	s.mu.Lock()
@@ -159,7 +160,7 @@ func (s *Scheduler) ScheduleRange(_ context.Context, req RangeRequest) ([]Segmen
 	if t.length != 0 && t.length != req.Length {
 		return nil, fmt.Errorf("%w: task %s has %d bytes, the requester says %d", ErrRangeInvalid, req.TaskID, t.length, req.Length)
 	}
-	t.members[req.PeerID] = true
+	s.joinLocked(t, req.PeerID)
 	return s.segmentsLocked(t, req, s.o.Now()), nil
 }
 
@@ -172,15 +173,22 @@ func (s *Scheduler) segmentsLocked(t *taskState, req RangeRequest, now time.Time
 		spans byterange.Set
 	}
 	// Candidates: live peers, not the requester, not refused by it, that
-	// hold something of the task (ranges or pieces).
+	// hold something of the task (ranges or pieces); of a popular task, a
+	// random sample (map order) of maxRangeCandidates.
 	var hs []holder
 	var pieceHolders []string
 	for id, sp := range t.rng.held {
+		if len(hs) >= maxRangeCandidates {
+			break
+		}
 		if id != req.PeerID && !t.bad[req.PeerID][id] && s.alive(id) && len(*sp) > 0 {
 			hs = append(hs, holder{id, *sp})
 		}
 	}
 	for id, n := range t.held {
+		if len(pieceHolders) >= maxRangeCandidates {
+			break
+		}
 		if n > 0 && id != req.PeerID && !t.bad[req.PeerID][id] && s.alive(id) {
 			pieceHolders = append(pieceHolders, id)
 		}
@@ -258,6 +266,13 @@ func (s *Scheduler) segmentsLocked(t *taskState, req RangeRequest, now time.Time
 	}
 	pos := req.Off
 	for pos < end {
+		if len(segs) >= maxSegments {
+			// A range cut this fine is not worth more of the lock: the
+			// rest comes from the origin.
+			push(Segment{Range: Range{pos, end - pos}, BackToSource: true})
+			origin = append(origin, Range{pos, end - pos})
+			break
+		}
 		// The longest run some candidates hold from pos, and every
 		// candidate holding all of it.
 		best := pos
@@ -363,10 +378,10 @@ func (s *Scheduler) ReportRanges(peerID, taskID string, length int64, held, rele
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t := s.task(taskID, 0, 0)
-	if length <= 0 || (t.length != 0 && t.length != length) {
+	if length <= 0 || length > piece.MaxLength || (t.length != 0 && t.length != length) {
 		return fmt.Errorf("%w: task %s has %d bytes, the peer says %d", ErrRangeInvalid, taskID, t.length, length)
 	}
-	t.members[peerID] = true
+	s.joinLocked(t, peerID)
 	for _, r := range held {
 		t.rng.hold(peerID, r, length)
 	}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -19,6 +20,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/starling-dev/starling/api/schedulerpb"
+	"github.com/starling-dev/starling/pkg/allow"
+	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/piece"
 )
 
@@ -29,6 +32,10 @@ type ServerOptions struct {
 	Registry *prometheus.Registry
 	// Logger: nil is slog.Default().
 	Logger *slog.Logger
+	// PreheatAllowed are the host patterns (allow.New) of the URLs that
+	// POST /api/v1/preheat accepts; empty admits any host on ports 80 and
+	// 443 but never an internal address or name.
+	PreheatAllowed []string
 }
 
 // Server serves a Scheduler over gRPC (the peers) and HTTP (preheat, task
@@ -43,6 +50,7 @@ type Server struct {
 	schedules    prometheus.Counter
 	backToSource prometheus.Counter
 	preheats     *prometheus.CounterVec
+	preheatAllow *allow.List
 }
 
 // NewServer returns a Server over s and registers its metrics.
@@ -95,6 +103,10 @@ func NewServer(s *Scheduler, o ServerOptions) (*Server, error) {
 	}
 	srv.preheats.WithLabelValues("queued")
 	srv.preheats.WithLabelValues("no_seed")
+	var err error
+	if srv.preheatAllow, err = newPreheatAllow(o.PreheatAllowed); err != nil {
+		return nil, err
+	}
 	return srv, nil
 }
 
@@ -124,6 +136,11 @@ func invalid(format string, args ...any) error {
 	return status.Errorf(codes.InvalidArgument, format, args...)
 }
 
+// limited is a request refused because the scheduler is at a limit (ErrLimit).
+func limited(format string, args ...any) error {
+	return status.Errorf(codes.ResourceExhausted, format, args...)
+}
+
 // checkPieceDigest accepts what peers send: a lowercase hex sha256.
 func checkPieceDigest(d string) error {
 	if len(d) != 64 || strings.ToLower(d) != d {
@@ -151,7 +168,8 @@ func checkBlobDigest(d string) error {
 	return nil
 }
 
-// checkSize accepts an unknown size (0, 0) or a length with a piece size.
+// checkSize accepts an unknown size (0, 0) or a length with a piece size
+// within the limits of package piece.
 func checkSize(length, pieceSize int64) error {
 	if length < 0 || pieceSize < 0 {
 		return fmt.Errorf("negative length %d or piece size %d", length, pieceSize)
@@ -159,13 +177,17 @@ func checkSize(length, pieceSize int64) error {
 	if length > 0 && pieceSize == 0 {
 		return fmt.Errorf("length %d without a piece size", length)
 	}
+	if pieceSize > 0 {
+		return piece.Check(length, pieceSize)
+	}
 	return nil
 }
 
-// checkPieces validates piece numbers against a task's size (count 0: unknown).
+// checkPieces validates piece numbers against a task's size (count 0:
+// unknown, and then at most piece.MaxCount).
 func checkPieces(count int, nums []int32) error {
 	for _, n := range nums {
-		if n < 0 || (count > 0 && int(n) >= count) {
+		if n < 0 || (count > 0 && int(n) >= count) || int(n) >= piece.MaxCount {
 			return fmt.Errorf("piece %d out of range (task has %d pieces)", n, count)
 		}
 	}
@@ -205,10 +227,16 @@ func workOf(w *schedulerpb.Work) (Work, error) {
 	if err := checkBlobDigest(out.Digest); err != nil {
 		return out, fmt.Errorf("task %s: %w", out.TaskID, err)
 	}
-	if len(w.GetHeader()) > 0 {
-		out.Header = make(map[string][]string, len(w.GetHeader()))
-		for k, v := range w.GetHeader() {
-			out.Header[k] = append([]string(nil), v.GetValues()...)
+	// Only the headers a seed may send: no credential travels through the
+	// scheduler, whoever registers or preheats (the seed uses its own).
+	for k, v := range w.GetHeader() {
+		for _, allowed := range preheatHeaders {
+			if http.CanonicalHeaderKey(k) == allowed && len(v.GetValues()) > 0 {
+				if out.Header == nil {
+					out.Header = map[string][]string{}
+				}
+				out.Header[allowed] = append([]string(nil), v.GetValues()...)
+			}
 		}
 	}
 	return out, nil
@@ -257,13 +285,33 @@ func heldOf(h *schedulerpb.HeldTask) (HeldTask, error) {
 
 // Announce registers a peer or refreshes it; an unknown peer that did not
 // send its holdings is asked to (resync). A seed gets its queued work.
-func (srv *Server) Announce(_ context.Context, req *schedulerpb.AnnounceRequest) (*schedulerpb.AnnounceResponse, error) {
+func (srv *Server) Announce(ctx context.Context, req *schedulerpb.AnnounceRequest) (*schedulerpb.AnnounceResponse, error) {
 	p, err := peerOf(req.GetPeer())
 	if err != nil {
 		return nil, invalid("announce: %v", err)
 	}
+	// Over cluster TLS a peer is its certificate: the ID must be its CN
+	// and a seed must hold the seed role, or any member could take a
+	// seed's work or pose as another peer.
+	if err := cluster.CheckPeer(ctx, p.ID, p.Seed); err != nil {
+		srv.log.Warn("announce refused", "peer", p.ID, "seed", p.Seed, "err", err)
+		return nil, err
+	}
+	if err := srv.s.AdmitPeer(p); err != nil {
+		return nil, limited("announce of peer %s: %v", p.ID, err)
+	}
 	var known bool
 	if req.GetFull() {
+		if n := len(req.GetTasks()); n > maxTasksPerPeer {
+			return nil, invalid("announce of peer %s: %d tasks, at most %d", p.ID, n, maxTasksPerPeer)
+		}
+		pieces := 0
+		for _, h := range req.GetTasks() {
+			pieces += len(h.GetPieces())
+		}
+		if pieces > maxHeldPieces {
+			return nil, invalid("announce of peer %s: %d pieces, at most %d", p.ID, pieces, maxHeldPieces)
+		}
 		held := make([]HeldTask, 0, len(req.GetTasks()))
 		for _, h := range req.GetTasks() {
 			ht, err := heldOf(h)
@@ -312,6 +360,9 @@ func (srv *Server) RegisterTask(_ context.Context, req *schedulerpb.RegisterTask
 	if err := checkSize(req.GetLength(), req.GetPieceSize()); err != nil {
 		return nil, invalid("register task %s: %v", w.TaskID, err)
 	}
+	if err := srv.s.AdmitTask(req.GetPeerId(), w.TaskID); err != nil {
+		return nil, limited("register task %s: %v", w.TaskID, err)
+	}
 	l, ps, seed := srv.s.RegisterTask(req.GetPeerId(), w, req.GetLength(), req.GetPieceSize())
 	if seed != "" {
 		srv.log.Info("task queued for a seed", "task", w.TaskID, "seed", seed, "requester", req.GetPeerId())
@@ -323,6 +374,12 @@ func (srv *Server) RegisterTask(_ context.Context, req *schedulerpb.RegisterTask
 func (srv *Server) Schedule(_ context.Context, req *schedulerpb.ScheduleRequest) (*schedulerpb.ScheduleResponse, error) {
 	if req.GetPeerId() == "" || req.GetTaskId() == "" {
 		return nil, invalid("schedule: peer id or task id missing")
+	}
+	if n := len(req.GetPieces()); n > maxPiecesPerCall {
+		return nil, invalid("schedule task %s: %d pieces, at most %d a call", req.GetTaskId(), n, maxPiecesPerCall)
+	}
+	if err := srv.s.AdmitTask(req.GetPeerId(), req.GetTaskId()); err != nil {
+		return nil, limited("schedule task %s: %v", req.GetTaskId(), err)
 	}
 	count := 0
 	if l, ps, ok := srv.s.Task(req.GetTaskId()); ok {
@@ -364,6 +421,12 @@ func (srv *Server) ReportPieces(_ context.Context, req *schedulerpb.ReportPieces
 	if err := checkSize(req.GetLength(), req.GetPieceSize()); err != nil {
 		return nil, invalid("report pieces of task %s: %v", req.GetTaskId(), err)
 	}
+	if n := len(req.GetPieces()); n > maxPiecesPerCall {
+		return nil, invalid("report pieces of task %s: %d pieces, at most %d a call", req.GetTaskId(), n, maxPiecesPerCall)
+	}
+	if err := srv.s.AdmitTask(req.GetPeerId(), req.GetTaskId()); err != nil {
+		return nil, limited("report pieces of task %s: %v", req.GetTaskId(), err)
+	}
 	count := 0
 	if req.GetLength() > 0 {
 		count = piece.Count(req.GetLength(), req.GetPieceSize())
@@ -394,6 +457,9 @@ func (srv *Server) ReportBadParent(_ context.Context, req *schedulerpb.ReportBad
 
 // Preheat queues tasks for seeds; seeds[i] is "" when no seed took task i.
 func (srv *Server) Preheat(_ context.Context, req *schedulerpb.PreheatRequest) (*schedulerpb.PreheatResponse, error) {
+	if n := len(req.GetTasks()); n > maxTasksPerCall {
+		return nil, invalid("preheat: %d tasks, at most %d a call", n, maxTasksPerCall)
+	}
 	ws := make([]Work, 0, len(req.GetTasks()))
 	for _, pw := range req.GetTasks() {
 		w, err := workOf(pw)
@@ -402,6 +468,13 @@ func (srv *Server) Preheat(_ context.Context, req *schedulerpb.PreheatRequest) (
 		}
 		if w.URL == "" {
 			return nil, invalid("preheat task %s: url missing", w.TaskID)
+		}
+		u, err := url.Parse(w.URL)
+		if err != nil {
+			return nil, invalid("preheat task %s: %v", w.TaskID, err)
+		}
+		if err := srv.preheatAllow.CheckURL(u); err != nil {
+			return nil, status.Errorf(codes.PermissionDenied, "preheat task %s: %v", w.TaskID, err)
 		}
 		ws = append(ws, w)
 	}
@@ -426,6 +499,9 @@ func (srv *Server) preheat(ws []Work) []string {
 
 // TaskStatus reports how far tasks have spread; an unknown task is all zeros.
 func (srv *Server) TaskStatus(_ context.Context, req *schedulerpb.TaskStatusRequest) (*schedulerpb.TaskStatusResponse, error) {
+	if n := len(req.GetTaskIds()); n > maxTasksPerCall {
+		return nil, invalid("task status: %d tasks, at most %d a call", n, maxTasksPerCall)
+	}
 	resp := &schedulerpb.TaskStatusResponse{}
 	for _, id := range req.GetTaskIds() {
 		if id == "" {
@@ -506,6 +582,13 @@ func (srv *Server) httpPreheat(w http.ResponseWriter, r *http.Request) {
 		}
 		if err := checkBlobDigest(t.Digest); err != nil {
 			httpError(w, http.StatusBadRequest, "preheat: task %s: %v", t.TaskID, err)
+			return
+		}
+		// A seed fetches what it is told: only allowed registries, and
+		// without the asker's headers (preheat_allow.go).
+		if err := srv.checkPreheatTask(&t); err != nil {
+			srv.log.Warn("preheat refused", "task", t.TaskID, "remote", r.RemoteAddr, "status", http.StatusForbidden, "err", err)
+			httpError(w, http.StatusForbidden, "preheat: task %s: %v", t.TaskID, err)
 			return
 		}
 		ws = append(ws, Work(t))

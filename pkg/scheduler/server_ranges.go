@@ -29,6 +29,9 @@ func (srv *Server) ScheduleRange(ctx context.Context, req *schedulerpb.ScheduleR
 	if req.GetPeerId() == "" || req.GetTaskId() == "" {
 		return nil, invalid("schedule range: peer id or task id missing")
 	}
+	if err := srv.s.AdmitTask(req.GetPeerId(), req.GetTaskId()); err != nil {
+		return nil, limited("schedule range of task %s: %v", req.GetTaskId(), err)
+	}
 	segs, err := srv.s.ScheduleRange(ctx, RangeRequest{
 		PeerID: req.GetPeerId(), TaskID: req.GetTaskId(), Length: req.GetLength(),
 		Range: Range{Off: req.GetRange().GetOffset(), Len: req.GetRange().GetLength()},
@@ -58,6 +61,9 @@ func (srv *Server) ScheduleRange(ctx context.Context, req *schedulerpb.ScheduleR
 func (srv *Server) ReportRanges(_ context.Context, req *schedulerpb.ReportRangesRequest) (*schedulerpb.ReportRangesResponse, error) {
 	if req.GetPeerId() == "" || req.GetTaskId() == "" {
 		return nil, invalid("report ranges: peer id or task id missing")
+	}
+	if err := srv.s.AdmitTask(req.GetPeerId(), req.GetTaskId()); err != nil {
+		return nil, limited("report ranges of task %s: %v", req.GetTaskId(), err)
 	}
 	held, err := rangesOf(req.GetHeld())
 	if err != nil {

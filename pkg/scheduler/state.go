@@ -73,7 +73,10 @@ type Options struct {
 	// restarted is rarely asked for anything this early. Lazy tasks (no
 	// URL) are not held back: their reads must not wait.
 	StartGrace time.Duration
-	Now        func() time.Time
+	// MaxPeers and MaxTasks bound the peers and tasks known at once (0:
+	// DefaultMaxPeers, DefaultMaxTasks); see limits.go.
+	MaxPeers, MaxTasks int
+	Now                func() time.Time
 }
 
 // Work asks a seed peer to download a task.
@@ -164,6 +167,8 @@ type taskState struct {
 	seedStarted map[string]bool
 	// rng is the byte-range state of lazy readers (ranges.go).
 	rng rangeState
+	// detached: made while the scheduler was at MaxTasks, so not kept.
+	detached bool
 }
 
 // Scheduler is the in-memory state. It is safe for concurrent use.
@@ -172,8 +177,18 @@ type Scheduler struct {
 	mu    sync.Mutex
 	peers map[string]*peerState
 	tasks map[string]*taskState
+	// seeds indexes the seed peers of peers: queueing work picks among
+	// them, and must not walk every peer.
+	seeds map[string]*peerState
+	// peerTasks indexes the tasks each peer ID takes part in (joinLocked),
+	// so that dropping a peer or replacing its holdings does not walk every
+	// task. A task is listed once, when the peer becomes a member, and a
+	// peer leaves its tasks all at once (forgetLocked). A slice, not a
+	// set: most peers take part in few tasks, and a set of one costs
+	// ten times as much.
+	peerTasks map[string][]string
 	// work queues tasks for seed peers to fetch (preheat, seed-triggered downloads).
-	work map[string][]Work
+	work map[string]*workQueue
 	// graceEnd is when StartGrace ends.
 	graceEnd time.Time
 }
@@ -198,10 +213,17 @@ func New(o Options) *Scheduler {
 	if o.StartGrace == 0 {
 		o.StartGrace = 3 * time.Second
 	}
+	if o.MaxPeers <= 0 {
+		o.MaxPeers = DefaultMaxPeers
+	}
+	if o.MaxTasks <= 0 {
+		o.MaxTasks = DefaultMaxTasks
+	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Scheduler{o: o, peers: map[string]*peerState{}, tasks: map[string]*taskState{}, work: map[string][]Work{},
+	return &Scheduler{o: o, peers: map[string]*peerState{}, tasks: map[string]*taskState{}, work: map[string]*workQueue{},
+		seeds: map[string]*peerState{}, peerTasks: map[string][]string{},
 		graceEnd: o.Now().Add(max(o.StartGrace, 0))}
 }
 
@@ -223,6 +245,11 @@ func (s *Scheduler) announceLocked(p Peer) bool {
 		ps.offers, ps.pruneAt = old.offers, old.pruneAt
 	}
 	s.peers[p.ID] = ps
+	if p.Seed {
+		s.seeds[p.ID] = ps
+	} else {
+		delete(s.seeds, p.ID)
+	}
 	return known
 }
 
@@ -233,7 +260,12 @@ func (s *Scheduler) AnnounceFull(p Peer, held []HeldTask) (known bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	known = s.announceLocked(p)
-	for _, t := range s.tasks {
+	for _, tid := range s.peerTasks[p.ID] {
+		t := s.tasks[tid]
+		if t == nil {
+			continue
+		}
+		t.rng.dropHeld(p.ID)
 		if t.held[p.ID] == 0 {
 			continue
 		}
@@ -242,15 +274,20 @@ func (s *Scheduler) AnnounceFull(p Peer, held []HeldTask) (known bool) {
 		}
 		delete(t.held, p.ID)
 	}
-	for _, t := range s.tasks {
-		t.rng.dropHeld(p.ID)
-	}
 	for _, h := range held {
+		if _, ok := s.tasks[h.TaskID]; !ok && len(s.tasks) >= s.o.MaxTasks {
+			continue
+		}
+		if len(s.peerTasks[p.ID]) >= maxTasksPerPeer {
+			if t := s.tasks[h.TaskID]; t == nil || !t.members[p.ID] {
+				continue
+			}
+		}
 		t := s.task(h.TaskID, h.Length, h.PieceSize)
 		if !t.sizeMatches(h.Length, h.PieceSize) {
 			continue
 		}
-		t.members[p.ID] = true
+		s.joinLocked(t, p.ID)
 		for n, d := range h.Pieces {
 			t.addHolder(n, p.ID, d)
 		}
@@ -282,20 +319,13 @@ func (s *Scheduler) GC() (peers, tasks int) {
 			peers++
 		}
 	}
+	// Also sweeps peers that reported or asked but never announced.
+	for pid := range s.peerTasks {
+		if s.peers[pid] == nil {
+			s.forgetLocked(pid)
+		}
+	}
 	for id, t := range s.tasks {
-		// Also sweeps peers that reported or asked but never announced.
-		for _, set := range []map[string]bool{t.members, t.seedWork} {
-			for pid := range set {
-				if s.peers[pid] == nil {
-					t.forget(pid)
-				}
-			}
-		}
-		for pid := range t.held {
-			if s.peers[pid] == nil {
-				t.forget(pid)
-			}
-		}
 		if len(t.members) == 0 && len(t.held) == 0 {
 			delete(s.tasks, id)
 			tasks++
@@ -309,17 +339,16 @@ func (s *Scheduler) GC() (peers, tasks int) {
 // preheat survives the death of its seed.
 func (s *Scheduler) dropLocked(id string) {
 	queued := map[string]Work{}
-	for _, w := range s.work[id] {
-		queued[w.TaskID] = w
+	if q := s.work[id]; q != nil {
+		for _, w := range q.list {
+			queued[w.TaskID] = w
+		}
 	}
 	delete(s.peers, id)
+	delete(s.seeds, id)
 	delete(s.work, id)
-	for tid, t := range s.tasks {
-		had := t.seedWork[id]
-		t.forget(id)
-		if !had {
-			continue
-		}
+	for _, t := range s.forgetLocked(id) {
+		tid := t.id
 		w, ok := queued[tid]
 		if !ok {
 			w = t.work
@@ -329,6 +358,35 @@ func (s *Scheduler) dropLocked(id string) {
 			s.enqueueLocked(w)
 		}
 	}
+}
+
+// joinLocked records that peer id takes part in task t: everything that
+// names a peer in a task's state goes with it, and forgetLocked undoes it.
+func (s *Scheduler) joinLocked(t *taskState, id string) {
+	if t.members[id] {
+		return
+	}
+	t.members[id] = true
+	if !t.detached {
+		s.peerTasks[id] = append(s.peerTasks[id], t.id)
+	}
+}
+
+// forgetLocked removes a peer from every task it takes part in; it returns
+// the tasks the peer was asked to fetch as a seed.
+func (s *Scheduler) forgetLocked(id string) (seedTasks []*taskState) {
+	for _, tid := range s.peerTasks[id] {
+		t := s.tasks[tid]
+		if t == nil {
+			continue
+		}
+		if t.seedWork[id] {
+			seedTasks = append(seedTasks, t)
+		}
+		t.forget(id)
+	}
+	delete(s.peerTasks, id)
+	return seedTasks
 }
 
 // forget removes a peer from a task.
@@ -361,17 +419,46 @@ func (s *Scheduler) stale(id string) bool {
 	return ok && s.o.Now().Sub(p.lastSeen) > s.o.PeerTTL
 }
 
+// task returns the state of a task, made if new. At MaxTasks a new task's
+// state is not kept (the server refuses such requests first: AdmitTask).
+// The first size that is within bounds fixes the task's.
 func (s *Scheduler) task(id string, length, pieceSize int64) *taskState {
 	t, ok := s.tasks[id]
 	if !ok {
-		t = &taskState{id: id, pieces: map[int]*pieceState{}, held: map[string]int{}, bad: map[string]map[string]bool{},
-			members: map[string]bool{}, seedWork: map[string]bool{}, seedStarted: map[string]bool{}}
-		s.tasks[id] = t
+		// The maps most tasks never fill are made when first written
+		// (setTrue, setFlag): a task costs little until it is used.
+		t = &taskState{id: id, pieces: map[int]*pieceState{}, held: map[string]int{}, members: map[string]bool{}}
+		if len(s.tasks) < s.o.MaxTasks {
+			s.tasks[id] = t
+		} else {
+			t.detached = true
+		}
 	}
-	if length > 0 && pieceSize > 0 && t.length == 0 {
+	if t.length == 0 && sizeOK(length, pieceSize) {
 		t.length, t.pieceSize = length, pieceSize
 	}
 	return t
+}
+
+// setTrue sets m[k], making m if nil.
+func setTrue(m map[string]bool, k string) map[string]bool {
+	if m == nil {
+		m = map[string]bool{}
+	}
+	m[k] = true
+	return m
+}
+
+// setFlag sets m[k][v], making m[k] if nil.
+func setFlag(m map[string]map[string]bool, k, v string) {
+	m[k] = setTrue(m[k], v)
+}
+
+// sizeOK accepts a task size the scheduler may keep state for. The server
+// holds peers to piece.Check; the state itself only needs the piece count
+// bounded, so that nothing it walks or keeps per piece is unbounded.
+func sizeOK(length, pieceSize int64) bool {
+	return length > 0 && pieceSize > 0 && length <= piece.MaxLength && piece.Count(length, pieceSize) <= piece.MaxCount
 }
 
 // sizeMatches reports whether a peer that cut the task into length and
@@ -390,10 +477,16 @@ func (t *taskState) count() int {
 	return piece.Count(t.length, t.pieceSize)
 }
 
+// piece returns the state of piece n, made if new; nil for a piece outside
+// the task, or past maxUnsizedPieces of a task of unknown size.
 func (t *taskState) piece(n int) *pieceState {
 	p, ok := t.pieces[n]
 	if !ok {
-		p = &pieceState{holders: map[string]bool{}, n: n, offeredBy: map[string]string{}}
+		if n < 0 || n >= piece.MaxCount || (t.length > 0 && n >= t.count()) ||
+			(t.length == 0 && len(t.pieces) >= maxUnsizedPieces) {
+			return nil
+		}
+		p = &pieceState{holders: map[string]bool{}, n: n}
 		t.pieces[n] = p
 	}
 	return p
@@ -403,10 +496,14 @@ func (t *taskState) piece(n int) *pieceState {
 // piece is the one every receiver checks; a peer holding other bytes is
 // not a holder.
 func (t *taskState) addHolder(n int, id, digest string) {
-	if digest == "" || n < 0 || (t.length > 0 && n >= t.count()) {
+	// Holders are kept only of a sized task: its piece count bounds them.
+	if digest == "" || n < 0 || t.length == 0 || n >= t.count() {
 		return
 	}
 	p := t.piece(n)
+	if p == nil {
+		return
+	}
 	if p.digest == "" {
 		p.digest = digest
 	} else if p.digest != digest {
@@ -440,7 +537,7 @@ func (s *Scheduler) ReportPieces(peerID, taskID string, length, pieceSize int64,
 	if !t.sizeMatches(length, pieceSize) {
 		return
 	}
-	t.members[peerID] = true
+	s.joinLocked(t, peerID)
 	for n, d := range pieces {
 		t.addHolder(n, peerID, d)
 		// The upload that brought the piece is over.
@@ -464,11 +561,18 @@ type offerKey struct {
 func (s *Scheduler) ReportBadParent(peerID, taskID, parent string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	t := s.task(taskID, 0, 0)
-	if t.bad[peerID] == nil {
-		t.bad[peerID] = map[string]bool{}
+	t, ok := s.tasks[taskID]
+	if !ok {
+		// Nothing is offered for a task the scheduler does not know.
+		return
 	}
-	t.bad[peerID][parent] = true
+	if len(t.bad[peerID]) < maxBadParents {
+		s.joinLocked(t, peerID)
+		if t.bad == nil {
+			t.bad = map[string]map[string]bool{}
+		}
+		setFlag(t.bad, peerID, parent)
+	}
 }
 
 // Task returns what is known of a task's size.
@@ -491,14 +595,14 @@ func (s *Scheduler) RegisterTask(peerID string, w Work, length, pieceSize int64)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t := s.task(w.TaskID, length, pieceSize)
-	t.members[peerID] = true
+	s.joinLocked(t, peerID)
 	if w.URL != "" {
 		t.work = w
 	}
 	l, ps = t.length, t.pieceSize
 	r := s.peers[peerID]
 	if r != nil && r.Seed {
-		t.seedStarted[peerID] = true
+		t.seedStarted = setTrue(t.seedStarted, peerID)
 		return l, ps, ""
 	}
 	if w.URL == "" || s.seedOnLocked(t) {
@@ -517,8 +621,17 @@ func (s *Scheduler) seedOnLocked(t *taskState) bool {
 		}
 	}
 	if n := t.count(); n > 0 {
+		// Whichever is smaller: the seeds, or the task's holders.
+		if len(s.seeds) <= len(t.held) {
+			for id := range s.seeds {
+				if t.held[id] >= n && s.alive(id) {
+					return true
+				}
+			}
+			return false
+		}
 		for id, h := range t.held {
-			if p := s.peers[id]; p != nil && p.Seed && h >= n && s.alive(id) {
+			if p := s.seeds[id]; p != nil && h >= n && s.alive(id) {
 				return true
 			}
 		}
@@ -532,15 +645,21 @@ func (s *Scheduler) Schedule(peerID, taskID string, pieces []int) []Assignment {
 	defer s.mu.Unlock()
 	now := s.o.Now()
 	t := s.task(taskID, 0, 0)
-	t.members[peerID] = true
+	s.joinLocked(t, peerID)
 	req := s.peers[peerID]
 	if req != nil && req.Seed {
-		t.seedStarted[peerID] = true
+		t.seedStarted = setTrue(t.seedStarted, peerID)
 	}
 	out := make([]Assignment, 0, len(pieces))
 	fs := fetchers{s: s, t: t, now: now}
 	for _, n := range pieces {
 		p := t.piece(n)
+		if p == nil {
+			// Outside the task, or too many pieces of a task of unknown
+			// size: ask again once it is sized.
+			out = append(out, Assignment{Piece: n, Wait: true})
+			continue
+		}
 		a := Assignment{Piece: n, Digest: p.digest}
 		var busy bool
 		a.Parents, busy = s.rank(t, p, peerID, req)
@@ -677,7 +796,11 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 	}
 	now := s.o.Now()
 	var cs []cand
+	seen := 0
 	for id := range p.holders {
+		if seen++; seen > maxRankCandidates {
+			break
+		}
 		if id == requester || t.bad[requester][id] || !s.alive(id) {
 			continue
 		}
@@ -728,7 +851,12 @@ func (s *Scheduler) rank(t *taskState, p *pieceState, requester string, req *pee
 			ps.pruneAt = until
 		}
 		ps.offers[k] = until
-		p.offeredBy[requester] = cs[0].ID
+		if _, ok := p.offeredBy[requester]; ok || len(p.offeredBy) < maxOffersPerPiece {
+			if p.offeredBy == nil {
+				p.offeredBy = map[string]string{}
+			}
+			p.offeredBy[requester] = cs[0].ID
+		}
 	}
 	out := make([]Peer, len(cs))
 	for i, c := range cs {
@@ -767,8 +895,8 @@ func (s *Scheduler) enqueueLocked(w Work) (string, bool) {
 		t.work = w
 	}
 	best, bestScore := "", uint64(0)
-	for id, p := range s.peers {
-		if !p.Seed || !s.alive(id) {
+	for id := range s.seeds {
+		if !s.alive(id) {
 			continue
 		}
 		if sc := score(w.TaskID, id); best == "" || sc > bestScore {
@@ -778,25 +906,43 @@ func (s *Scheduler) enqueueLocked(w Work) (string, bool) {
 	if best == "" {
 		return "", false
 	}
-	t.members[best] = true
-	t.seedWork[best] = true
-	for i, q := range s.work[best] {
-		if q.TaskID == w.TaskID {
-			s.work[best][i] = w // fresher headers
-			return best, true
-		}
+	s.joinLocked(t, best)
+	t.seedWork = setTrue(t.seedWork, best)
+	q := s.work[best]
+	if q == nil {
+		q = &workQueue{at: map[string]int{}}
+		s.work[best] = q
 	}
-	s.work[best] = append(s.work[best], w)
+	q.put(w)
 	return best, true
+}
+
+// workQueue is a seed's queued work, in order, indexed by task: a task
+// queued again replaces its entry (fresher headers) without a walk.
+type workQueue struct {
+	list []Work
+	at   map[string]int
+}
+
+func (q *workQueue) put(w Work) {
+	if i, ok := q.at[w.TaskID]; ok {
+		q.list[i] = w
+		return
+	}
+	q.at[w.TaskID] = len(q.list)
+	q.list = append(q.list, w)
 }
 
 // TakeWork hands a seed peer the downloads queued for it.
 func (s *Scheduler) TakeWork(seedID string) []Work {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	w := s.work[seedID]
+	q := s.work[seedID]
 	delete(s.work, seedID)
-	return w
+	if q == nil {
+		return nil
+	}
+	return q.list
 }
 
 // TaskStatus reports how far a task has spread among the live peers; ok
@@ -810,25 +956,25 @@ func (s *Scheduler) TaskStatus(taskID string) (TaskStatus, bool) {
 		return st, false
 	}
 	st.Length, st.PieceSize, st.Pieces = t.length, t.pieceSize, t.count()
-	counts := map[string]int{}
-	for i := 0; i < st.Pieces; i++ {
-		p, ok := t.pieces[i]
-		if !ok {
+	if st.Pieces == 0 {
+		return st, true
+	}
+	// Walk what is stored, never 0..Pieces: the piece count is what a
+	// client said (finding 3 of issue 11).
+	for n, p := range t.pieces {
+		if n >= st.Pieces {
 			continue
 		}
-		fetched := false
 		for id := range p.holders {
 			if s.alive(id) {
-				counts[id]++
-				fetched = true
+				st.Fetched++
+				break
 			}
 		}
-		if fetched {
-			st.Fetched++
-		}
 	}
-	for id, c := range counts {
-		if c == st.Pieces {
+	// held counts each peer's pieces as they are added (addHolder).
+	for id, h := range t.held {
+		if h >= st.Pieces && s.alive(id) {
 			st.Complete++
 			if s.peers[id].Seed {
 				st.SeedsComplete++

@@ -8,8 +8,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"net/url"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -90,4 +92,47 @@ func filtered(key string, filters []string) bool {
 		}
 	}
 	return false
+}
+
+// ForRegistryBlob is the task ID of a registry blob URL: the blob's
+// digest and the registry host it comes from. The proxy, preheat and the
+// lazy snapshotter use it, so that what one of them fetched the others
+// find. Pieces are checked against the digests the
+// peer that fetched them from the origin computed, and only the whole
+// blob against its digest; were one digest one task across registries,
+// a client naming another upstream (a registry that serves other bytes
+// under that digest) would fill the task that ranged reads of everyone
+// else are served from before any whole-blob check. Tasks of one host do
+// mix across repositories: a registry serves a digest's bytes, whatever
+// the repository. ok is false for a URL that names no blob.
+func ForRegistryBlob(u *url.URL) (string, bool) {
+	d, ok := RegistryDigest(u)
+	if !ok {
+		return "", false
+	}
+	sum := sha256.Sum256([]byte("registry-blob\x00" + CanonicalHost(u) + "\x00" + d))
+	return hex.EncodeToString(sum[:]), true
+}
+
+// dockerAliases are the names of Docker Hub's registry.
+var dockerAliases = []string{"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+// CanonicalHost is a registry's host as task IDs and access checks name
+// it: lower case, without a default port, Docker Hub's names as one.
+func CanonicalHost(u *url.URL) string {
+	host, port := strings.ToLower(u.Hostname()), u.Port()
+	host = strings.TrimSuffix(host, ".")
+	if port == "443" || port == "80" {
+		port = ""
+	}
+	if slices.Contains(dockerAliases, host) && port == "" {
+		return "docker.io"
+	}
+	if port == "" {
+		if strings.Contains(host, ":") {
+			return "[" + host + "]"
+		}
+		return host
+	}
+	return net.JoinHostPort(host, port)
 }
