@@ -86,12 +86,14 @@ for who in seed node1 node2; do
 	node2) m=$NODE2_METRICS ;;
 	esac
 	read_b=$(metric "$m" starling_fetched_bytes_total)
-	origin=$(metric "$m" starling_peer_piece_bytes_total 'source="origin"')
-	parent=$(metric "$m" starling_peer_piece_bytes_total 'source="parent"')
+	# Lazy layers' bytes by source (ranges, footer and TOC), and whole
+	# pieces (seed work, whole-blob downloads).
+	origin=$(($(metric "$m" starling_layer_bytes_total 'source="origin"') + $(metric "$m" starling_peer_piece_bytes_total 'source="origin"')))
+	parent=$(($(metric "$m" starling_layer_bytes_total 'source="peer"') + $(metric "$m" starling_peer_piece_bytes_total 'source="parent"')))
 	up=$(metric "$m" starling_peer_upload_bytes_total)
 	total_origin=$((total_origin + origin))
 	awk -v w="$who" -v r="$read_b" -v o="$origin" -v p="$parent" -v u="$up" 'BEGIN {
-		printf "%-6s container reads %6.1f MB | pieces from the registry %6.1f MB, from peers %6.1f MB | served to peers %6.1f MB\n", w, r/1e6, o/1e6, p/1e6, u/1e6 }'
+		printf "%-6s container reads %6.1f MB | from the registry %6.1f MB, from peers %6.1f MB | served to peers %6.1f MB\n", w, r/1e6, o/1e6, p/1e6, u/1e6 }'
 done
 awk -v o="$total_origin" -v s="$size" 'BEGIN {
 	printf "the registry sent %.1f MB in all for a %.1f MB image and two nodes: %.2f times the image\n", o/1e6, s/1e6, o/s }'

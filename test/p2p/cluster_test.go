@@ -56,6 +56,11 @@ type cluster struct {
 
 	starlingd, scheduler string
 
+	// tls is the cluster's CA when its daemons talk mTLS (nil: plaintext);
+	// schedCert the scheduler's certificate then.
+	tls       *clusterTLS
+	schedCert *nodeCert
+
 	mu    sync.Mutex
 	nodes []*node
 }
@@ -68,6 +73,8 @@ type node struct {
 	role string
 	root string
 	env  []string
+	// cert is the node's identity when the cluster runs mTLS.
+	cert *nodeCert
 	proc *testenv.Proc
 	// runs holds every process the node has had (restarts), for the logs.
 	runs   []*testenv.Proc
@@ -76,6 +83,12 @@ type node struct {
 
 // newCluster builds the network and starts the registry and the scheduler.
 func newCluster(t *testing.T, prefix, rate string) *cluster {
+	t.Helper()
+	return newClusterWith(t, prefix, rate, false)
+}
+
+// newClusterWith is newCluster, with every daemon on mTLS when mtls is set.
+func newClusterWith(t *testing.T, prefix, rate string, mtls bool) *cluster {
 	t.Helper()
 	testenv.Require(t, "ip", "tc", "docker-registry")
 	c := &cluster{
@@ -96,8 +109,35 @@ func newCluster(t *testing.T, prefix, rate string) *cluster {
 
 	c.schedHost = c.net.AddHost("sched")
 	c.schedAddr = c.schedHost.IP + ":8002"
+	c.initTLS(mtls)
 	c.startScheduler()
 	return c
+}
+
+// initTLS makes the cluster's CA and the scheduler's certificate when mtls
+// is set.
+func (c *cluster) initTLS(mtls bool) {
+	c.t.Helper()
+	if !mtls {
+		return
+	}
+	c.tls = newClusterTLS(c.t)
+	nc := c.tls.issue("scheduler", c.schedHost.IP, certScheduler)
+	c.schedCert = &nc
+}
+
+// issueNode gives a node of the cluster its certificate when it runs mTLS.
+func (c *cluster) issueNode(n *node) {
+	c.t.Helper()
+	if c.tls == nil {
+		return
+	}
+	kind := certPeer
+	if n.role == "seed" {
+		kind = certSeed
+	}
+	nc := c.tls.issue(n.name, n.host.IP, kind)
+	n.cert = &nc
 }
 
 func (c *cluster) startScheduler() {
@@ -108,8 +148,9 @@ func (c *cluster) startScheduler() {
 	if err := os.WriteFile(cfg, []byte(os.Getenv("STARLING_P2P_SCHEDULER_TOML")), 0o644); err != nil {
 		c.t.Fatal(err)
 	}
-	c.sched = c.schedHost.Start(c.t, "scheduler", nil, c.scheduler, "--config", cfg, "--log-level", "debug",
-		"--listen", c.schedAddr, "--http", c.schedHost.IP+":8080")
+	args := append([]string{"--config", cfg, "--log-level", "debug",
+		"--listen", c.schedAddr, "--http", c.schedHost.IP + ":8080"}, c.securityFlags(c.schedCert)...)
+	c.sched = c.schedHost.Start(c.t, "scheduler", nil, c.scheduler, args...)
 	c.mu.Lock()
 	c.schedRuns = append(c.schedRuns, c.sched)
 	c.mu.Unlock()
@@ -135,6 +176,7 @@ func (c *cluster) addNode(name, role string, env ...string) *node {
 		c.t.Fatal(err)
 	}
 	n.client = n.host.HTTPClient()
+	c.issueNode(n)
 	c.mu.Lock()
 	c.nodes = append(c.nodes, n)
 	c.mu.Unlock()
@@ -147,19 +189,19 @@ func (n *node) start() {
 	t := n.c.t
 	t.Helper()
 	ip := n.host.IP
-	n.proc = n.host.Start(t, n.name, n.env, n.c.starlingd,
-		"--config", filepath.Join(n.root, "starlingd.toml"),
+	args := []string{"--config", filepath.Join(n.root, "starlingd.toml"),
 		"--snapshotter=false",
 		"--role", n.role,
 		"--root", n.root,
 		"--log-level", "debug",
 		"--scheduler", n.c.schedAddr,
 		"--advertise-ip", ip,
-		"--upload-listen", ip+":"+uploadPort,
-		"--proxy-listen", ip+":"+proxyPort,
-		"--metrics-listen", ip+":"+metricsPort,
-		"--health-listen", ip+":"+healthPort,
-	)
+		"--upload-listen", ip + ":" + uploadPort,
+		"--proxy-listen", ip + ":" + proxyPort,
+		"--metrics-listen", ip + ":" + metricsPort,
+		"--health-listen", ip + ":" + healthPort,
+	}
+	n.proc = n.host.Start(t, n.name, n.env, n.c.starlingd, append(args, n.c.securityFlags(n.cert)...)...)
 	n.c.mu.Lock()
 	n.runs = append(n.runs, n.proc)
 	n.c.mu.Unlock()

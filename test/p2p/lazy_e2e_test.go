@@ -62,6 +62,13 @@ type lazyCluster struct {
 // counting proxy; with basic auth when auth is set) and the scheduler.
 func newLazyCluster(t *testing.T, prefix, rate string, auth bool) *lazyCluster {
 	t.Helper()
+	return newLazyClusterWith(t, prefix, rate, auth, false)
+}
+
+// newLazyClusterWith is newLazyCluster, with every daemon on mTLS when mtls
+// is set.
+func newLazyClusterWith(t *testing.T, prefix, rate string, auth, mtls bool) *lazyCluster {
+	t.Helper()
 	testenv.Require(t, "ip", "tc", "nsenter", "docker-registry", "containerd", "ctr", "runc")
 	c := &cluster{
 		t:         t,
@@ -93,6 +100,7 @@ func newLazyCluster(t *testing.T, prefix, rate string, auth bool) *lazyCluster {
 	c.upstream = "http://" + c.regHost.IP + ":5000"
 	c.schedHost = c.net.AddHost("sched")
 	c.schedAddr = c.schedHost.IP + ":8002"
+	c.initTLS(mtls)
 	c.startScheduler()
 	lc := &lazyCluster{cluster: c, auth: auth, cli: testenv.Bin(t, "starling")}
 	if auth {
@@ -151,6 +159,8 @@ type lazyNode struct {
 	snapshotter bool
 	// dockerConfig is the node's DOCKER_CONFIG ("" for none).
 	dockerConfig string
+	// nofile, when not 0, is starlingd's RLIMIT_NOFILE (soft and hard).
+	nofile int
 }
 
 // nodeOpts configures addLazyNode.
@@ -162,6 +172,7 @@ type nodeOpts struct {
 	env         []string
 	toml        string // more of starlingd's configuration
 	logLevel    string // default STARLING_P2P_LOG_LEVEL, else debug
+	nofile      int    // starlingd's RLIMIT_NOFILE (0: inherited)
 }
 
 // addLazyNode starts a node: its starlingd (snapshotter and peer, under
@@ -199,6 +210,7 @@ func (c *lazyCluster) addLazyNode(name string, o nodeOpts) *lazyNode {
 		t.Fatal(err)
 	}
 	n.client = n.host.HTTPClient()
+	c.issueNode(n)
 	c.mu.Lock()
 	c.nodes = append(c.nodes, n)
 	c.mu.Unlock()
@@ -221,6 +233,8 @@ func (c *lazyCluster) addLazyNode(name string, o nodeOpts) *lazyNode {
 	if !o.noScheduler {
 		ln.args = append(ln.args, "--scheduler", c.schedAddr)
 	}
+	ln.args = append(ln.args, c.securityFlags(n.cert)...)
+	ln.nofile = o.nofile
 	ln.start()
 	if !o.peerOnly {
 		ln.ctd = testenv.StartContainerd(t, testenv.ContainerdOptions{ProxySnapshotters: map[string]string{"starling": ln.sock}})
@@ -237,7 +251,11 @@ func (n *lazyNode) start() {
 	// nsenter rather than `ip netns exec`: the latter gives the process a
 	// mount namespace of its own, and containerd would not see the layers
 	// starlingd mounts.
-	n.proc = testenv.Start(t, n.name, n.env, "nsenter", append([]string{"--net=/run/netns/" + n.host.NS, n.c.starlingd}, n.args...)...)
+	cmd := []string{"--net=/run/netns/" + n.host.NS}
+	if n.nofile > 0 {
+		cmd = append(cmd, "prlimit", fmt.Sprintf("--nofile=%d:%d", n.nofile, n.nofile), "--")
+	}
+	n.proc = testenv.Start(t, n.name, n.env, "nsenter", append(append(cmd, n.c.starlingd), n.args...)...)
 	n.c.mu.Lock()
 	n.runs = append(n.runs, n.proc)
 	n.c.mu.Unlock()
@@ -544,14 +562,16 @@ func allData() []string {
 // each layer's TOC), so concurrent readers did not each fetch the same
 // bytes; a fourth node afterwards takes nothing of the layers from the
 // registry. Once with an open registry, once with one that wants
-// credentials, which the nodes have and the seed does not.
+// credentials, which the nodes have and the seed does not; and that one
+// again with every daemon on mutual TLS (issue 11): the same bounds hold.
 func TestLazyP2PCluster(t *testing.T) {
-	t.Run("open", func(t *testing.T) { testLazyP2PCluster(t, "lze", false) })
-	t.Run("auth", func(t *testing.T) { testLazyP2PCluster(t, "lza", true) })
+	t.Run("open", func(t *testing.T) { testLazyP2PCluster(t, "lze", false, false) })
+	t.Run("auth", func(t *testing.T) { testLazyP2PCluster(t, "lza", true, false) })
+	t.Run("mtls", func(t *testing.T) { testLazyP2PCluster(t, "lzm", true, true) })
 }
 
-func testLazyP2PCluster(t *testing.T, prefix string, auth bool) {
-	c := newLazyCluster(t, prefix, "100mbit", auth)
+func testLazyP2PCluster(t *testing.T, prefix string, auth, mtls bool) {
+	c := newLazyClusterWith(t, prefix, "100mbit", auth, mtls)
 	im := c.pushImage()
 	c.addLazyNode("seed", nodeOpts{role: "seed", peerOnly: true, noCreds: true})
 	nodes := []*lazyNode{c.addLazyNode("n1", nodeOpts{}), c.addLazyNode("n2", nodeOpts{}), c.addLazyNode("n3", nodeOpts{})}

@@ -35,7 +35,9 @@ import (
 // and once against one that wants credentials (docker-registry's htpasswd,
 // basic auth): there the nodes have the credentials and the seed has none,
 // as a shared seed would not have every tenant's. STARLING_BENCH_REGISTRIES
-// picks ("open", "auth", default both).
+// picks ("open", "auth", default both). STARLING_BENCH_TLS picks plaintext
+// ("off"), every daemon on mutual TLS ("on") or both ("both", the default),
+// which also prints how mTLS compares (issue 11: within 5 %).
 func TestBenchLazyP2P(t *testing.T) {
 	layout := os.Getenv("STARLING_BENCH_LAYOUT")
 	if layout == "" {
@@ -53,31 +55,135 @@ func TestBenchLazyP2P(t *testing.T) {
 	if v := os.Getenv("STARLING_BENCH_REGISTRIES"); v != "" {
 		kinds = v
 	}
+	var modes []bool
+	switch v := os.Getenv("STARLING_BENCH_TLS"); v {
+	case "", "both":
+		modes = []bool{false, true}
+	case "off":
+		modes = []bool{false}
+	case "on":
+		modes = []bool{true}
+	default:
+		t.Fatalf("STARLING_BENCH_TLS: %q is none of both, off, on", v)
+	}
 	testenv.Require(t, "containerd", "ctr", "runc", "skopeo")
 	for _, kind := range strings.Split(kinds, ",") {
 		switch kind {
 		case "open":
-			benchLazyP2P(t, layout, rate, runs, false)
+			benchLazyP2P(t, layout, rate, runs, false, modes)
 		case "auth":
-			benchLazyP2P(t, layout, rate, runs, true)
+			benchLazyP2P(t, layout, rate, runs, true, modes)
 		default:
 			t.Fatalf("STARLING_BENCH_REGISTRIES: %q is neither open nor auth", kind)
 		}
 	}
 }
 
-// benchLazyP2P runs the four set-ups runs times against one kind of
-// registry and prints the table.
-func benchLazyP2P(t *testing.T, layout, rate string, runs int, auth bool) {
-	kind, pre := "open registry", "o"
+// benchResult is one run of every set-up.
+type benchResult struct {
+	alone, seedOne, threeSlowest, fourth, warmThree time.Duration
+	aloneB, seedOneB, threeB, fourthB               int64
+}
+
+// benchMedians is the median of each figure over the runs.
+type benchMedians struct {
+	alone, aloneB, seedOne, seedOneB, three, threeB, fourth, fourthB, warmThree float64
+}
+
+// benchLazyP2P runs the set-ups runs times against one kind of registry,
+// for each of modes (false: plaintext, true: every daemon on mutual TLS;
+// the modes alternate within a run, so that both see the same machine),
+// and prints a table per mode and, with both, their ratios.
+func benchLazyP2P(t *testing.T, layout, rate string, runs int, auth bool, modes []bool) {
+	kind := "open registry"
 	if auth {
-		kind, pre = "registry with basic auth (htpasswd)", "a"
+		kind = "registry with basic auth (htpasswd)"
 	}
-	type result struct {
-		alone, seedOne, threeSlowest, fourth, warmThree time.Duration
-		aloneB, seedOneB, threeB, fourthB               int64
+	rs := map[bool][]benchResult{}
+	for i := 0; i < runs; i++ {
+		for _, mtls := range modes {
+			r := benchLazyP2PRun(t, layout, rate, auth, mtls)
+			t.Logf("%s, %s, run %d: alone %.2f s (%d B), seed+one %.2f s (%d B), three slowest %.2f s (%d B), fourth %.2f s (%d B), three more from peers %.2f s",
+				kind, tlsName(mtls), i+1, r.alone.Seconds(), r.aloneB, r.seedOne.Seconds(), r.seedOneB, r.threeSlowest.Seconds(), r.threeB,
+				r.fourth.Seconds(), r.fourthB, r.warmThree.Seconds())
+			rs[mtls] = append(rs[mtls], r)
+		}
 	}
-	var rs []result
+	meds := map[bool]benchMedians{}
+	for _, mtls := range modes {
+		m := medians(rs[mtls])
+		meds[mtls] = m
+		fmt.Printf("\nbench-lazy-p2p: python image, %s, %s, behind %s, +10 ms per request, background fetch off, median of %d\n",
+			kind, tlsName(mtls), rate, len(rs[mtls]))
+		fmt.Printf("  one node, no scheduler:          %6.2f s   registry sent %7.1f MB\n", m.alone, m.aloneB/1e6)
+		fmt.Printf("  scheduler + seed + one node:     %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 1.10)\n", m.seedOne, m.seedOneB/1e6, m.seedOne/m.alone)
+		fmt.Printf("  three nodes at once, slowest:    %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 1.25), bytes %.2f of one node alone (target <= 1.05)\n",
+			m.three, m.threeB/1e6, m.three/m.alone, m.threeB/m.aloneB)
+		fmt.Printf("  a fourth node afterwards:        %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 0.8), %.2f %% of the image (target < 1 %%)\n",
+			m.fourth, m.fourthB/1e6, m.fourth/m.alone, 100*m.fourthB/float64(imageBytes(t, layout)))
+		fmt.Printf("  floor: three more at once, every byte on a peer: %6.2f s   ratio %.2f (three at once, cold, is %.2f of this)\n",
+			m.warmThree, m.warmThree/m.alone, m.three/m.warmThree)
+	}
+	if len(modes) < 2 {
+		return
+	}
+	// Issue 11: mTLS costs the set-ups at most 5 %, and leaves the ratios
+	// against one node alone (which runs no TLS: no scheduler, no peers)
+	// where they were.
+	p, m := meds[false], meds[true]
+	fmt.Printf("\nbench-lazy-p2p: %s, mutual TLS against plaintext (target: times within 5 %%, ratios within 5 %%)\n", kind)
+	row := func(name string, plain, tls, plainRatio, tlsRatio float64) {
+		fmt.Printf("  %-32s %6.2f s  %6.2f s  time x%.3f   ratio %.2f -> %.2f (x%.3f)\n", name, plain, tls, tls/plain, plainRatio, tlsRatio, tlsRatio/plainRatio)
+	}
+	fmt.Printf("  %-32s %8s  %8s\n", "set-up", "plain", "mTLS")
+	fmt.Printf("  %-32s %6.2f s  %6.2f s  time x%.3f\n", "one node, no scheduler:", p.alone, m.alone, m.alone/p.alone)
+	row("scheduler + seed + one node:", p.seedOne, m.seedOne, p.seedOne/p.alone, m.seedOne/m.alone)
+	row("three nodes at once, slowest:", p.three, m.three, p.three/p.alone, m.three/m.alone)
+	row("a fourth node afterwards:", p.fourth, m.fourth, p.fourth/p.alone, m.fourth/m.alone)
+	row("floor: three more from peers:", p.warmThree, m.warmThree, p.warmThree/p.alone, m.warmThree/m.alone)
+	fmt.Printf("  registry, three at once:         %6.1f MB  %6.1f MB  bytes x%.3f\n", p.threeB/1e6, m.threeB/1e6, m.threeB/p.threeB)
+	fmt.Printf("  registry, the fourth node:       %6.2f MB  %6.2f MB\n", p.fourthB/1e6, m.fourthB/1e6)
+}
+
+func tlsName(mtls bool) string {
+	if mtls {
+		return "mutual TLS"
+	}
+	return "plaintext"
+}
+
+func medians(rs []benchResult) benchMedians {
+	med := func(f func(benchResult) float64) float64 {
+		var v []float64
+		for _, r := range rs {
+			v = append(v, f(r))
+		}
+		sort.Float64s(v)
+		return v[len(v)/2]
+	}
+	return benchMedians{
+		alone:     med(func(r benchResult) float64 { return r.alone.Seconds() }),
+		aloneB:    med(func(r benchResult) float64 { return float64(r.aloneB) }),
+		seedOne:   med(func(r benchResult) float64 { return r.seedOne.Seconds() }),
+		seedOneB:  med(func(r benchResult) float64 { return float64(r.seedOneB) }),
+		three:     med(func(r benchResult) float64 { return r.threeSlowest.Seconds() }),
+		threeB:    med(func(r benchResult) float64 { return float64(r.threeB) }),
+		fourth:    med(func(r benchResult) float64 { return r.fourth.Seconds() }),
+		fourthB:   med(func(r benchResult) float64 { return float64(r.fourthB) }),
+		warmThree: med(func(r benchResult) float64 { return r.warmThree.Seconds() }),
+	}
+}
+
+// benchLazyP2PRun is one run of every set-up, each on a fresh cluster.
+func benchLazyP2PRun(t *testing.T, layout, rate string, auth, mtls bool) benchResult {
+	pre := "o"
+	if auth {
+		pre = "a"
+	}
+	if mtls {
+		pre += "t"
+	}
+	var r benchResult
 	node := func(c *lazyCluster, name string, sched bool) *lazyNode {
 		return c.addLazyNode(name, nodeOpts{noScheduler: !sched, logLevel: benchLogLevel()})
 	}
@@ -92,103 +198,72 @@ func benchLazyP2P(t *testing.T, layout, rate string, runs int, auth bool) {
 		}
 		return d
 	}
-	for i := 0; i < runs; i++ {
-		var r result
-		// 1. One node alone.
-		func() {
-			c, ref := benchCluster(t, pre+"lb1", rate, layout, auth)
-			n := node(c, "alone", false)
-			c.origin.Reset()
-			r.alone = cold(n, ref)
-			r.aloneB = c.origin.BytesServed()
-			c.close()
-		}()
-		// 2-4. Scheduler, seed and nodes.
-		func() {
-			c, ref := benchCluster(t, pre+"lb2", rate, layout, auth)
-			seed(c)
-			one := node(c, "one", true)
-			c.origin.Reset()
-			r.seedOne = cold(one, ref)
-			r.seedOneB = c.origin.BytesServed()
-			c.close()
-		}()
-		func() {
-			c, ref := benchCluster(t, pre+"lb3", rate, layout, auth)
-			seed(c)
-			atOnce := func(nodes ...*lazyNode) time.Duration {
-				var slowest time.Duration
-				var mu sync.Mutex
-				var wg sync.WaitGroup
-				var errs []error
-				for _, n := range nodes {
-					wg.Add(1)
-					go func() {
-						defer wg.Done()
-						d, err := n.coldStart(ref)
-						mu.Lock()
-						slowest = max(slowest, d)
-						if err != nil {
-							errs = append(errs, err)
-						}
-						mu.Unlock()
-					}()
-				}
-				wg.Wait()
-				if len(errs) > 0 {
-					t.Fatal(errs)
-				}
-				return slowest
+	// 1. One node alone.
+	func() {
+		c, ref := benchCluster(t, pre+"lb1", rate, layout, auth, mtls)
+		n := node(c, "alone", false)
+		c.origin.Reset()
+		r.alone = cold(n, ref)
+		r.aloneB = c.origin.BytesServed()
+		c.close()
+	}()
+	// 2-4. Scheduler, seed and nodes.
+	func() {
+		c, ref := benchCluster(t, pre+"lb2", rate, layout, auth, mtls)
+		seed(c)
+		one := node(c, "one", true)
+		c.origin.Reset()
+		r.seedOne = cold(one, ref)
+		r.seedOneB = c.origin.BytesServed()
+		c.close()
+	}()
+	func() {
+		c, ref := benchCluster(t, pre+"lb3", rate, layout, auth, mtls)
+		seed(c)
+		atOnce := func(nodes ...*lazyNode) time.Duration {
+			var slowest time.Duration
+			var mu sync.Mutex
+			var wg sync.WaitGroup
+			var errs []error
+			for _, n := range nodes {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					d, err := n.coldStart(ref)
+					mu.Lock()
+					slowest = max(slowest, d)
+					if err != nil {
+						errs = append(errs, err)
+					}
+					mu.Unlock()
+				}()
 			}
-			nodes := []*lazyNode{node(c, "n1", true), node(c, "n2", true), node(c, "n3", true)}
-			c.origin.Reset()
-			r.threeSlowest = atOnce(nodes...)
-			r.threeB = c.origin.BytesServed()
-			fourth := node(c, "n4", true)
-			c.origin.Reset()
-			r.fourth = cold(fourth, ref)
-			r.fourthB = c.origin.BytesServed()
-			r.warmThree = atOnce(node(c, "n5", true), node(c, "n6", true), node(c, "n7", true))
-			c.close()
-		}()
-		t.Logf("%s, run %d: alone %.2f s (%d B), seed+one %.2f s (%d B), three slowest %.2f s (%d B), fourth %.2f s (%d B), three more from peers %.2f s", kind, i+1,
-			r.alone.Seconds(), r.aloneB, r.seedOne.Seconds(), r.seedOneB, r.threeSlowest.Seconds(), r.threeB, r.fourth.Seconds(), r.fourthB, r.warmThree.Seconds())
-		rs = append(rs, r)
-	}
-	med := func(f func(result) float64) float64 {
-		var v []float64
-		for _, r := range rs {
-			v = append(v, f(r))
+			wg.Wait()
+			if len(errs) > 0 {
+				t.Fatal(errs)
+			}
+			return slowest
 		}
-		sort.Float64s(v)
-		return v[len(v)/2]
-	}
-	alone := med(func(r result) float64 { return r.alone.Seconds() })
-	aloneB := med(func(r result) float64 { return float64(r.aloneB) })
-	seedOne := med(func(r result) float64 { return r.seedOne.Seconds() })
-	seedOneB := med(func(r result) float64 { return float64(r.seedOneB) })
-	three := med(func(r result) float64 { return r.threeSlowest.Seconds() })
-	threeB := med(func(r result) float64 { return float64(r.threeB) })
-	fourth := med(func(r result) float64 { return r.fourth.Seconds() })
-	fourthB := med(func(r result) float64 { return float64(r.fourthB) })
-	warmThree := med(func(r result) float64 { return r.warmThree.Seconds() })
-	fmt.Printf("\nbench-lazy-p2p: python image, %s behind %s, +10 ms per request, background fetch off, median of %d\n", kind, rate, len(rs))
-	fmt.Printf("  one node, no scheduler:          %6.2f s   registry sent %7.1f MB\n", alone, aloneB/1e6)
-	fmt.Printf("  scheduler + seed + one node:     %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 1.10)\n", seedOne, seedOneB/1e6, seedOne/alone)
-	fmt.Printf("  three nodes at once, slowest:    %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 1.25), bytes %.2f of one node alone (target <= 1.05)\n",
-		three, threeB/1e6, three/alone, threeB/aloneB)
-	fmt.Printf("  a fourth node afterwards:        %6.2f s   registry sent %7.1f MB   ratio %.2f (target <= 0.8), %.2f %% of the image (target < 1 %%)\n",
-		fourth, fourthB/1e6, fourth/alone, 100*fourthB/float64(imageBytes(t, layout)))
-	fmt.Printf("  floor: three more at once, every byte on a peer: %6.2f s   ratio %.2f (three at once, cold, is %.2f of this)\n",
-		warmThree, warmThree/alone, three/warmThree)
+		nodes := []*lazyNode{node(c, "n1", true), node(c, "n2", true), node(c, "n3", true)}
+		c.origin.Reset()
+		r.threeSlowest = atOnce(nodes...)
+		r.threeB = c.origin.BytesServed()
+		fourth := node(c, "n4", true)
+		c.origin.Reset()
+		r.fourth = cold(fourth, ref)
+		r.fourthB = c.origin.BytesServed()
+		r.warmThree = atOnce(node(c, "n5", true), node(c, "n6", true), node(c, "n7", true))
+		c.close()
+	}()
+	return r
 }
 
 // benchCluster is a cluster with the python image converted to eStargz in
 // its registry; ref names it as the nodes reach it. The origin adds 10 ms
 // to every request.
-func benchCluster(t *testing.T, prefix, rate, layout string, auth bool) (*lazyCluster, string) {
+func benchCluster(t *testing.T, prefix, rate, layout string, auth, mtls bool) (*lazyCluster, string) {
 	t.Helper()
-	c := newLazyCluster(t, prefix, rate, auth)
+	c := newLazyClusterWith(t, prefix, rate, auth, mtls)
 	c.origin.SetLatency(10 * time.Millisecond)
 	direct := c.registry.Addr + "/python"
 	args := []string{"copy", "--quiet", "--dest-tls-verify=false"}

@@ -29,7 +29,16 @@ import (
 //
 // Phases go on after a failure where they can, so one run shows everything
 // that is wrong; the logs of all processes are kept when it fails.
+//
+// The subtest mtls runs phases 1 and 2 again on a cluster whose daemons
+// talk mutual TLS (issue 11): the same bound on the origin's bytes, the
+// same ranges, and pieces that do travel between peers.
 func TestP2P(t *testing.T) {
+	t.Run("plain", testP2PPlain)
+	t.Run("mtls", testP2PMTLS)
+}
+
+func testP2PPlain(t *testing.T) {
 	rate := os.Getenv("STARLING_P2P_RATE")
 	if rate == "" {
 		rate = "400mbit"
@@ -282,4 +291,43 @@ func logPieceSources(t *testing.T, nodes []*node) {
 		parts = append(parts, part)
 	}
 	t.Logf("pieces: %s", strings.Join(parts, "; "))
+}
+
+// testP2PMTLS: a seed and four peers with mTLS fetch 64 MiB at once (at
+// most 1.05 times it from the origin, most of it from parents), then the
+// ranges of phase 2 on a blob the peer lacks.
+func testP2PMTLS(t *testing.T) {
+	rate := os.Getenv("STARLING_P2P_RATE")
+	if rate == "" {
+		rate = "400mbit"
+	}
+	c := newClusterWith(t, "stm", rate, true)
+	seed := c.addNode("seed", "seed")
+	var peers []*node
+	for i := 1; i <= 4; i++ {
+		peers = append(peers, c.addNode(fmt.Sprintf("peer%d", i), "peer"))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	a := c.pushBlob("p2p/mtls", 64<<20, 11)
+	res := fetchAll(ctx, peers, a, nil)
+	checkAll(t, a, res)
+	ratio := c.ratio(a)
+	t.Logf("64 MiB to %d peers over mTLS: last peer after %.1f s; origin sent %.3f x the blob", len(peers), slowest(res).Seconds(), ratio)
+	logPieceSources(t, append([]*node{seed}, peers...))
+	if ratio > 1.05 {
+		t.Errorf("the origin sent %.3f times the blob's bytes; want at most 1.05", ratio)
+	}
+	var fromParents float64
+	for _, p := range peers {
+		v, _ := p.metric("starling_peer_piece_bytes_total", `source="parent"`)
+		fromParents += v
+	}
+	// Four peers and one copy from the origin: at least three copies' worth
+	// went peer to peer, over TLS.
+	if want := 3 * float64(a.size()) * 0.95; fromParents < want {
+		t.Errorf("the peers got %.0f bytes from parents; want at least %.0f (pieces must travel between peers over mTLS)", fromParents, want)
+	}
+	r := c.pushBlob("p2p/mtls-range", 9<<20+12345, 12)
+	checkRanges(ctx, t, peers[0], r)
 }
