@@ -88,18 +88,11 @@ func (u *uploader) servePiece(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "want /pieces/<task>/<n>", http.StatusBadRequest)
 		return
 	}
-	release, ok := u.slot(w)
+	st, done, ok := u.open(w, id)
 	if !ok {
 		return
 	}
-	defer release()
-	st, ok := u.p.store.Lookup(id)
-	if !ok {
-		http.Error(w, "no such task", http.StatusNotFound)
-		return
-	}
-	st.Acquire()
-	defer st.Release()
+	defer done()
 	f, l, sum, ok, err := st.OpenPiece(n)
 	if err != nil {
 		u.p.log.Error("read piece for upload", "task", id, "piece", n, "err", err)
@@ -130,18 +123,11 @@ func (u *uploader) serveRange(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "want one Range: bytes=a-b", http.StatusBadRequest)
 		return
 	}
-	release, ok := u.slot(w)
+	st, done, ok := u.open(w, id)
 	if !ok {
 		return
 	}
-	defer release()
-	st, ok := u.p.store.Lookup(id)
-	if !ok {
-		http.Error(w, "no such task", http.StatusNotFound)
-		return
-	}
-	st.Acquire()
-	defer st.Release()
+	defer done()
 	if off+n > st.Length() {
 		http.Error(w, "range past the end", http.StatusRequestedRangeNotSatisfiable)
 		return
@@ -211,6 +197,23 @@ func (u *uploader) streamFlight(w http.ResponseWriter, r *http.Request, st *stor
 			flusher.Flush()
 		}
 	}
+}
+
+// open takes an upload slot and the stored task id, protected from GC
+// until done; it answers the request itself when it cannot.
+func (u *uploader) open(w http.ResponseWriter, id string) (st *storage.Task, done func(), ok bool) {
+	release, ok := u.slot(w)
+	if !ok {
+		return nil, nil, false
+	}
+	st, ok = u.p.store.Lookup(id)
+	if !ok {
+		release()
+		http.Error(w, "no such task", http.StatusNotFound)
+		return nil, nil, false
+	}
+	st.Acquire()
+	return st, func() { st.Release(); release() }, true
 }
 
 // parseByteRange reads a single "bytes=a-b" range.
