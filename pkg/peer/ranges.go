@@ -270,6 +270,13 @@ func (r *countingReader) Read(b []byte) (int, error) {
 		r.f.count(r.src, int64(n))
 	}
 	if r.left == 0 {
+		if r.c != nil && err == nil {
+			// Read the body's end too: an HTTP body closed before its EOF
+			// was seen costs its connection, and with TLS a handshake per
+			// range.
+			var end [1]byte
+			_, _ = r.r.Read(end[:])
+		}
 		r.finish()
 		return n, nil
 	}
