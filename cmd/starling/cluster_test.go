@@ -2,19 +2,16 @@ package main
 
 import (
 	"encoding/json"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc"
 
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/config"
-	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
 func TestClusterInitIssue(t *testing.T) {
@@ -86,18 +83,7 @@ func TestPreheatOverMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}), scheduler.ServerOptions{PreheatAllowed: []string{"127.0.0.1:*"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(grpc.Creds(cluster.ServerCredentials(sc)), grpc.ChainUnaryInterceptor(cluster.UnaryServerInterceptor()))
-	srv.RegisterGRPC(gs)
-	go func() { _ = gs.Serve(l) }()
-	defer gs.Stop()
+	schedAddr, _ := testenv.StartTLSScheduler(t, sc)
 
 	reg := testenv.StartRegistry(t)
 	image, _ := pushIndex(t, reg, "preheat/tls:1")
@@ -106,11 +92,11 @@ func TestPreheatOverMutualTLS(t *testing.T) {
 
 	// Without a certificate the scheduler is never reached; with the
 	// configuration's, it answers (that no seed is there).
-	_, _, err = runCmd(t, newPreheatCmd, "--scheduler", l.Addr().String(), "--timeout", "5s", image)
+	_, _, err = runCmd(t, newPreheatCmd, "--scheduler", schedAddr, "--timeout", "5s", image)
 	if err == nil || strings.Contains(err.Error(), "no live seed") {
 		t.Fatalf("without a certificate: %v", err)
 	}
-	_, _, err = runCmdConfig(t, cfgPath, newPreheatCmd, "--scheduler", l.Addr().String(), "--timeout", "20s", image)
+	_, _, err = runCmdConfig(t, cfgPath, newPreheatCmd, "--scheduler", schedAddr, "--timeout", "20s", image)
 	if err == nil || !strings.Contains(err.Error(), "no live seed") {
 		t.Fatalf("with the configuration's certificate: %v", err)
 	}

@@ -8,12 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-
 	"github.com/starling-dev/starling/internal/testenv"
 	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/config"
-	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
 func TestClusterFlags(t *testing.T) {
@@ -59,24 +56,13 @@ func TestDaemonJoinsOverMutualTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}), scheduler.ServerOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(grpc.Creds(cluster.ServerCredentials(sc)), grpc.ChainUnaryInterceptor(cluster.UnaryServerInterceptor()))
-	srv.RegisterGRPC(gs)
-	go func() { _ = gs.Serve(l) }()
-	defer gs.Stop()
+	schedAddr, srv := testenv.StartTLSScheduler(t, sc)
 
 	ni := issue("node1", cluster.RolePeer, cluster.RoleSeed)
 	cfgPath := filepath.Join(t.TempDir(), "starlingd.toml")
 	os.WriteFile(cfgPath, []byte("[cluster]\nca = \""+ni.CA+"\"\ncert = \""+ni.Cert+"\"\nkey = \""+ni.Key+"\"\n"), 0o644)
 	base := []string{"--snapshotter=false", "--peer", "--proxy-listen", "", "--metrics-listen", "", "--health-listen", "",
-		"--advertise-ip", "127.0.0.1", "--upload-listen", ":0", "--scheduler", l.Addr().String(), "--cluster-ca", ni.CA,
+		"--advertise-ip", "127.0.0.1", "--upload-listen", ":0", "--scheduler", schedAddr, "--cluster-ca", ni.CA,
 		"--cluster-cert", ni.Cert, "--cluster-key", ni.Key}
 	stop := startDaemon(t, append(base, "--role", "seed")...)
 	testenv.WaitFor(t, 20*time.Second, "the seed to join over TLS", func() bool {

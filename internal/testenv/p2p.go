@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 
+	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
@@ -17,6 +18,18 @@ import (
 // Its start grace is off: a test's peers hold nothing to re-announce.
 func StartScheduler(t testing.TB) (string, *scheduler.Server) {
 	t.Helper()
+	return startScheduler(t)
+}
+
+// StartTLSScheduler is StartScheduler over mutual TLS with the cluster
+// identity c (a certificate with the scheduler role), binding every call
+// to its caller's certificate as starling-scheduler does.
+func StartTLSScheduler(t testing.TB, c *cluster.Cluster) (string, *scheduler.Server) {
+	t.Helper()
+	return startScheduler(t, grpc.Creds(cluster.ServerCredentials(c)), grpc.ChainUnaryInterceptor(cluster.UnaryServerInterceptor()))
+}
+
+func startScheduler(t testing.TB, opts ...grpc.ServerOption) (string, *scheduler.Server) {
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	// Test registries are on loopback, which only an entry naming the host
 	// admits to a preheat.
@@ -29,7 +42,7 @@ func StartScheduler(t testing.TB) (string, *scheduler.Server) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer()
+	g := grpc.NewServer(opts...)
 	srv.RegisterGRPC(g)
 	go func() { _ = g.Serve(l) }()
 	t.Cleanup(g.Stop)

@@ -21,7 +21,6 @@ import (
 	"github.com/starling-dev/starling/pkg/cluster"
 	"github.com/starling-dev/starling/pkg/config"
 	"github.com/starling-dev/starling/pkg/peer"
-	"github.com/starling-dev/starling/pkg/scheduler"
 )
 
 // testCA is a cluster CA in a temporary directory.
@@ -54,20 +53,8 @@ func (ca testCA) node(name string, roles ...string) *cluster.Cluster {
 
 // startTLSScheduler serves a scheduler over mutual TLS, as starling-scheduler does.
 func startTLSScheduler(t *testing.T, c *cluster.Cluster) string {
-	t.Helper()
-	srv, err := scheduler.NewServer(scheduler.New(scheduler.Options{StartGrace: -1}), scheduler.ServerOptions{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer(grpc.Creds(cluster.ServerCredentials(c)), grpc.ChainUnaryInterceptor(cluster.UnaryServerInterceptor()))
-	srv.RegisterGRPC(g)
-	go func() { _ = g.Serve(l) }()
-	t.Cleanup(g.Stop)
-	return l.Addr().String()
+	addr, _ := testenv.StartTLSScheduler(t, c)
+	return addr
 }
 
 func tlsPeer(t *testing.T, sched string, c *cluster.Cluster) testPeer {

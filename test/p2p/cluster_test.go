@@ -87,10 +87,12 @@ func newCluster(t *testing.T, prefix, rate string) *cluster {
 	return newClusterWith(t, prefix, rate, false)
 }
 
-// newClusterWith is newCluster, with every daemon on mTLS when mtls is set.
-func newClusterWith(t *testing.T, prefix, rate string, mtls bool) *cluster {
+// clusterBase is a network with a registry host and the binaries, the
+// part every cluster of these tests starts from; tools are what the test
+// needs installed.
+func clusterBase(t *testing.T, prefix, rate string, tools ...string) *cluster {
 	t.Helper()
-	testenv.Require(t, "ip", "tc", "docker-registry")
+	testenv.Require(t, tools...)
 	c := &cluster{
 		t:         t,
 		net:       testenv.NewNetwork(t, prefix, rate),
@@ -101,8 +103,14 @@ func newClusterWith(t *testing.T, prefix, rate string, mtls bool) *cluster {
 	// use, must run after keepLogsOnFailure has copied them.
 	_ = t.TempDir()
 	t.Cleanup(c.keepLogsOnFailure)
-
 	c.regHost = c.net.AddHost("registry")
+	return c
+}
+
+// newClusterWith is newCluster, with every daemon on mTLS when mtls is set.
+func newClusterWith(t *testing.T, prefix, rate string, mtls bool) *cluster {
+	t.Helper()
+	c := clusterBase(t, prefix, rate, "ip", "tc", "docker-registry")
 	c.registry = testenv.StartRegistry(t)
 	c.origin = testenv.ServeCountingProxy(t, c.regHost.Listen("tcp", c.regHost.IP+":5000"), c.registry.Addr)
 	c.upstream = "http://" + c.regHost.IP + ":5000"

@@ -69,18 +69,7 @@ func newLazyCluster(t *testing.T, prefix, rate string, auth bool) *lazyCluster {
 // is set.
 func newLazyClusterWith(t *testing.T, prefix, rate string, auth, mtls bool) *lazyCluster {
 	t.Helper()
-	testenv.Require(t, "ip", "tc", "nsenter", "docker-registry", "containerd", "ctr", "runc")
-	c := &cluster{
-		t:         t,
-		net:       testenv.NewNetwork(t, prefix, rate),
-		starlingd: testenv.Bin(t, "starlingd"),
-		scheduler: testenv.Bin(t, "starling-scheduler"),
-	}
-	// The logs live in t.TempDir(); its removal, registered on its first
-	// use, must run after keepLogsOnFailure has copied them.
-	_ = t.TempDir()
-	t.Cleanup(c.keepLogsOnFailure)
-	c.regHost = c.net.AddHost("registry")
+	c := clusterBase(t, prefix, rate, "ip", "tc", "nsenter", "docker-registry", "containerd", "ctr", "runc")
 	if auth {
 		c.registry = testenv.StartAuthRegistry(t, regUser, regHash)
 		// The set-ups with auth mean something only if the registry does
